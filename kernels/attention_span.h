@@ -19,16 +19,19 @@ struct SpanParams {
   int64_t block = 64;  // granularity of the rule, as in the method's block masks
 };
 
-// Span in tokens at sequence length n (sink included), rounded down to whole blocks like the
-// method's masks: block * (floor(alpha / block) + floor(beta * n / block)), never less than one
-// block beyond the sink so that a head always sees its own token.
+// Span in tokens at sequence length n (sink included): alpha rounded down to whole blocks, as in
+// the method's block masks, plus floor(beta * n), never less than one block beyond the sink so a
+// head always sees its recent tokens. The growing term is rounded to tokens, not blocks: with
+// 0 <= beta <= 1 the span then grows by at most one token per token, so the window's left edge
+// never moves left and a key that left the window never re-enters it (its KV block can be freed
+// for good). Rounding beta * n to blocks would make the span jump a block at once and pull the
+// left edge back.
 inline int64_t SpanTokens(const SpanRule& r, const SpanParams& p, int64_t n) {
   if (r.dense) return n;
-  const auto floor_div = [](double x, int64_t b) {
-    return static_cast<int64_t>(std::floor(x / static_cast<double>(b)));
-  };
-  const int64_t s = p.block * (floor_div(static_cast<double>(r.alpha), p.block) +
-                               floor_div(r.beta * static_cast<double>(n), p.block));
+  const int64_t alpha_blocks = static_cast<int64_t>(
+      std::floor(static_cast<double>(r.alpha) / static_cast<double>(p.block)));
+  const int64_t s =
+      p.block * alpha_blocks + static_cast<int64_t>(std::floor(r.beta * static_cast<double>(n)));
   return std::max<int64_t>(s, p.sink + p.block);
 }
 

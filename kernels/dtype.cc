@@ -9,9 +9,9 @@ namespace moa {
 const DTypeInfo& GetDTypeInfo(DType t) {
   // Block layouts follow ggml (ggml-common.h): QK4_0 = QK4_1 = QK8_0 = 32, QK_K = 256.
   static constexpr DTypeInfo kInfo[] = {
-      {"F32", 1, 4},        {"F16", 1, 2},        {"BF16", 1, 2},
-      {"Q8_0", 32, 34},     {"Q4_0", 32, 18},     {"Q4_1", 32, 20},
-      {"Q4_K", 256, 144},   {"Q5_K", 256, 176},   {"Q6_K", 256, 210},
+      {"F32", 1, 4},      {"F16", 1, 2},      {"BF16", 1, 2},
+      {"Q8_0", 32, 34},   {"Q4_0", 32, 18},   {"Q4_1", 32, 20},
+      {"Q4_K", 256, 144}, {"Q5_K", 256, 176}, {"Q6_K", 256, 210},
   };
   return kInfo[static_cast<int>(t)];
 }

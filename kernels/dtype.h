@@ -23,7 +23,7 @@ enum class DType : uint8_t {
 
 // Elements per block and bytes per block; plain types are blocks of one element.
 struct DTypeInfo {
-  std::string_view name;
+  const char* name;
   int64_t block_elems;
   int64_t block_bytes;
 };
