@@ -202,10 +202,11 @@ int RunGenerate(const Args& args) {
     prompt = ss.str();
   }
   if (prompt.empty()) return UsageError("the prompt is empty");
+  const bool chat = args.switches.count("chat") > 0;
+  if (!chat && args.values.count("system")) return UsageError("--system needs --chat");
 
   absl::StatusOr<Loaded> l = Load(args);
   if (!l.ok()) return Fail(l.status());
-  const bool chat = args.switches.count("chat") > 0;
   if (chat) {
     absl::StatusOr<moa::ChatTemplate> tmpl = moa::ChatTemplate::FromModel(l->file);
     if (!tmpl.ok()) return Fail(tmpl.status());
@@ -217,8 +218,6 @@ int RunGenerate(const Args& args) {
     absl::StatusOr<std::string> rendered = tmpl->Render(messages, /*add_generation_prompt=*/true);
     if (!rendered.ok()) return Fail(rendered.status());
     prompt = *std::move(rendered);
-  } else if (args.values.count("system")) {
-    return UsageError("--system needs --chat");
   }
   // A chat prompt carries its special tokens as text; a plain prompt is plain text.
   absl::StatusOr<std::vector<int32_t>> ids =

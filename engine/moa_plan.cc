@@ -221,7 +221,8 @@ std::string MoaPlan::ToJson() const {
   model["n_kv_heads"] = rules_.empty() ? 0 : rules_[0].size();
   Json j = {{"format", kPlanFormat}, {"version", kPlanVersion},     {"model", model},
             {"sink", params_.sink},  {"block_size", params_.block}, {"rules", rules}};
-  return j.dump(1);
+  // A model name from a model file may hold invalid UTF-8: replace it rather than throw.
+  return j.dump(1, ' ', false, Json::error_handler_t::replace);
 }
 
 absl::Status MoaPlan::CheckFits(const ModelConfig& c) const {
