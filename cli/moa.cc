@@ -219,9 +219,10 @@ int RunGenerate(const Args& args) {
     if (!rendered.ok()) return Fail(rendered.status());
     prompt = *std::move(rendered);
   }
-  // A chat prompt carries its special tokens as text; a plain prompt is plain text.
-  absl::StatusOr<std::vector<int32_t>> ids =
-      l->tokenizer->Encode(prompt, l->file.tokenizer.add_bos, /*parse_special=*/chat);
+  // A rendered chat prompt carries its special tokens (BOS included) as text; a plain prompt is
+  // plain text and gets BOS if the model asks for it.
+  absl::StatusOr<std::vector<int32_t>> ids = l->tokenizer->Encode(
+      prompt, /*add_bos=*/!chat && l->file.tokenizer.add_bos, /*parse_special=*/chat);
   if (!ids.ok()) return Fail(ids.status());
 
   std::unique_ptr<moa::Backend> backend = moa::NewCpuBackend(threads);

@@ -25,7 +25,9 @@ class ChatTemplate {
   static absl::StatusOr<ChatTemplate> FromModel(const ModelFile& model);
   static absl::StatusOr<ChatTemplate> FromTemplateSource(std::string_view jinja_source);
 
-  // Unknown roles and a misplaced system message are errors.
+  // Unknown roles (not system/user/assistant) are errors, and so are conversations the
+  // family's template refuses: Llama-2 turns that do not alternate user/assistant, a system
+  // message other than the first for Llama-2 and Vicuna.
   absl::StatusOr<std::string> Render(absl::Span<const ChatMessage> messages,
                                      bool add_generation_prompt) const;
 
@@ -36,6 +38,7 @@ class ChatTemplate {
   Family family_ = Family::kChatML;
   std::string default_system_;  // e.g. SmolLM2's, taken from the template source
   std::string bos_text_;        // Llama-2 / Llama-3 "<s>" / "<|begin_of_text|>"
+  std::string eos_text_;        // Llama-2 / Vicuna "</s>" after assistant turns
 };
 
 }  // namespace moa

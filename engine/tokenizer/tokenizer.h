@@ -42,15 +42,18 @@ class Tokenizer {
 class IncrementalDecoder {
  public:
   explicit IncrementalDecoder(const Tokenizer* tok) : tok_(tok) {}
-  // Returns the newly completed text (maybe empty).
+  // Returns the newly completed text (maybe empty). Bytes that can never start or continue a
+  // valid character are emitted as U+FFFD right away; only a possibly-valid incomplete tail is
+  // held back.
   absl::StatusOr<std::string> Add(int32_t id);
   // Whatever is still held back, invalid bytes replaced by U+FFFD.
   std::string Flush();
 
  private:
   const Tokenizer* tok_;
-  std::vector<int32_t> ids_;
-  size_t emitted_bytes_ = 0;
+  // A token's text can depend on the one before it (SentencePiece's dummy-prefix space), so
+  // each token is decoded in the context of its predecessor.
+  int32_t prev_id_ = -1;
   std::string pending_;
 };
 
