@@ -78,9 +78,8 @@ class Backend {
   virtual absl::Status MatMul(const Tensor& x, const Tensor& w, Tensor& out) = 0;
   // Rotates each head of x[rows, n_heads * head_dim] in place; row i is at positions[i].
   // inv_freq has head_dim / 2 entries (scaling already applied by the engine).
-  virtual absl::Status Rope(Tensor& x, int n_heads, int head_dim,
-                            absl::Span<const float> inv_freq, absl::Span<const int32_t> positions,
-                            RopeLayout layout) = 0;
+  virtual absl::Status Rope(Tensor& x, int n_heads, int head_dim, absl::Span<const float> inv_freq,
+                            absl::Span<const int32_t> positions, RopeLayout layout) = 0;
   // out = silu(gate) * up.
   virtual absl::Status SwiGlu(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
   // x += y.

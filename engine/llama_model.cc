@@ -1,0 +1,229 @@
+#include "engine/llama_model.h"
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/moa_plan.h"
+#include "engine/rope.h"
+
+namespace moa {
+namespace {
+
+#define MOA_RETURN_IF_ERROR(expr)             \
+  do {                                        \
+    if (absl::Status s_ = (expr); !s_.ok()) { \
+      return s_;                              \
+    }                                         \
+  } while (0)
+
+// The model's view of a cache: the backend's cache plus the model that made it, so that a cache
+// of another model (perhaps of the same shape but other weights) is refused.
+class ModelKvCache : public KvCache {
+ public:
+  ModelKvCache(const void* owner, std::unique_ptr<KvCache> inner)
+      : owner_(owner), inner_(std::move(inner)) {}
+  int64_t capacity() const override { return inner_->capacity(); }
+  const void* owner() const { return owner_; }
+  KvCache* inner() const { return inner_.get(); }
+
+ private:
+  const void* owner_;
+  std::unique_ptr<KvCache> inner_;
+};
+
+}  // namespace
+
+struct LlamaModel::Impl {
+  struct Layer {
+    std::unique_ptr<Tensor> attn_norm, q, k, v, o, ffn_norm, gate, up, down;
+  };
+
+  Backend* backend = nullptr;
+  SpanParams span;
+  std::vector<std::vector<SpanRule>> rules;  // [layer][kv head]; empty: dense
+  std::vector<float> inv_freq;
+  std::unique_ptr<Tensor> token_embd, output_norm, output;  // output null when tied
+  std::vector<Layer> layers;
+
+  const Tensor& logits_weight() const { return output ? *output : *token_embd; }
+};
+
+LlamaModel::~LlamaModel() = default;
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const ModelFile& file,
+                                                               Backend* backend,
+                                                               const MoaPlan* plan) {
+  if (backend == nullptr) return absl::InvalidArgumentError("LlamaModel: no backend");
+  const ModelConfig& c = file.config;
+  MOA_RETURN_IF_ERROR(ValidateConfig(c));
+  MOA_RETURN_IF_ERROR(ValidateTensors(file));
+  std::unique_ptr<LlamaModel> m(new LlamaModel());
+  m->config_ = c;
+  m->impl_ = std::make_unique<Impl>();
+  Impl& im = *m->impl_;
+  im.backend = backend;
+  if (plan != nullptr) {
+    MOA_RETURN_IF_ERROR(plan->CheckFits(c));
+    im.span = plan->params();
+    for (int l = 0; l < c.n_layers; ++l) im.rules.push_back(plan->layer_rules(l));
+  }
+  absl::StatusOr<std::vector<float>> inv = RopeInvFreq(c.head_dim, c.rope_theta, c.rope_scaling);
+  if (!inv.ok()) return inv.status();
+  im.inv_freq = *std::move(inv);
+
+  auto load = [&](const std::string& name, std::unique_ptr<Tensor>* dst) -> absl::Status {
+    auto it = file.tensors.find(name);
+    if (it == file.tensors.end()) return absl::NotFoundError(absl::StrCat("missing ", name));
+    absl::StatusOr<std::unique_ptr<Tensor>> t = backend->LoadWeight(it->second);
+    if (!t.ok()) return t.status();
+    *dst = *std::move(t);
+    return absl::OkStatus();
+  };
+  MOA_RETURN_IF_ERROR(load("token_embd.weight", &im.token_embd));
+  MOA_RETURN_IF_ERROR(load("output_norm.weight", &im.output_norm));
+  if (!c.tied_embeddings) MOA_RETURN_IF_ERROR(load("output.weight", &im.output));
+  im.layers.resize(c.n_layers);
+  for (int l = 0; l < c.n_layers; ++l) {
+    const std::string p = absl::StrCat("blk.", l, ".");
+    Impl::Layer& L = im.layers[l];
+    MOA_RETURN_IF_ERROR(load(p + "attn_norm.weight", &L.attn_norm));
+    MOA_RETURN_IF_ERROR(load(p + "attn_q.weight", &L.q));
+    MOA_RETURN_IF_ERROR(load(p + "attn_k.weight", &L.k));
+    MOA_RETURN_IF_ERROR(load(p + "attn_v.weight", &L.v));
+    MOA_RETURN_IF_ERROR(load(p + "attn_output.weight", &L.o));
+    MOA_RETURN_IF_ERROR(load(p + "ffn_norm.weight", &L.ffn_norm));
+    MOA_RETURN_IF_ERROR(load(p + "ffn_gate.weight", &L.gate));
+    MOA_RETURN_IF_ERROR(load(p + "ffn_up.weight", &L.up));
+    MOA_RETURN_IF_ERROR(load(p + "ffn_down.weight", &L.down));
+  }
+  return m;
+}
+
+absl::StatusOr<std::unique_ptr<KvCache>> LlamaModel::NewKvCache(int64_t capacity_tokens) {
+  KvCacheShape shape;
+  shape.n_layers = config_.n_layers;
+  shape.n_kv_heads = config_.n_kv_heads;
+  shape.head_dim = config_.head_dim;
+  shape.capacity = capacity_tokens;
+  absl::StatusOr<std::unique_ptr<KvCache>> inner = impl_->backend->NewKvCache(shape);
+  if (!inner.ok()) return inner.status();
+  return std::make_unique<ModelKvCache>(impl_.get(), *std::move(inner));
+}
+
+absl::Status LlamaModel::Forward(absl::Span<const ForwardInput> batch, std::vector<float>* logits) {
+  if (logits == nullptr) return absl::InvalidArgumentError("Forward: no logits output");
+  if (batch.empty()) return absl::InvalidArgumentError("Forward: empty batch");
+  const ModelConfig& c = config_;
+  Impl& im = *impl_;
+  Backend& be = *im.backend;
+
+  // Check the whole batch before touching any cache.
+  std::vector<SequenceSlice> slices;
+  std::vector<int32_t> tokens;
+  std::vector<int32_t> positions;
+  std::vector<int64_t> wanted_rows;  // rows whose logits are returned, in order
+  for (size_t s = 0; s < batch.size(); ++s) {
+    const ForwardInput& in = batch[s];
+    const auto* cache = dynamic_cast<const ModelKvCache*>(in.cache);
+    if (cache == nullptr || cache->owner() != impl_.get()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Forward: sequence ", s, ": the KV cache was not made by this model"));
+    }
+    if (in.tokens.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("Forward: sequence ", s, " has no tokens"));
+    }
+    const int64_t n = static_cast<int64_t>(in.tokens.size());
+    if (in.past < 0 || in.past > cache->capacity() - n ||
+        in.past + n > std::numeric_limits<int32_t>::max()) {
+      return absl::OutOfRangeError(absl::StrCat("Forward: sequence ", s, ": ", in.past, " + ", n,
+                                                " tokens exceed the KV cache capacity ",
+                                                cache->capacity()));
+    }
+    for (int32_t t : in.tokens) {
+      if (t < 0 || t >= c.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("Forward: sequence ", s, ": token id ", t,
+                                                       " outside [0, ", c.vocab_size, ")"));
+      }
+    }
+    const int64_t first = static_cast<int64_t>(tokens.size());
+    for (int64_t i = 0; i < n; ++i) {
+      positions.push_back(static_cast<int32_t>(in.past + i));
+      if (in.all_logits || i == n - 1) wanted_rows.push_back(first + i);
+    }
+    tokens.insert(tokens.end(), in.tokens.begin(), in.tokens.end());
+    slices.push_back({cache->inner(), in.past, n});
+  }
+  const int64_t rows = static_cast<int64_t>(tokens.size());
+  const int64_t d = c.d_model;
+  const int64_t q_cols = int64_t{c.n_heads} * c.head_dim;
+  const int64_t kv_cols = int64_t{c.n_kv_heads} * c.head_dim;
+
+  std::unique_ptr<Tensor> x, xn, q, k, v, attn, proj, gate, up, act;
+  const std::pair<std::unique_ptr<Tensor>*, int64_t> scratch[] = {
+      {&x, d},         {&xn, d},   {&q, q_cols},    {&k, kv_cols}, {&v, kv_cols},
+      {&attn, q_cols}, {&proj, d}, {&gate, c.d_ff}, {&up, c.d_ff}, {&act, c.d_ff}};
+  for (const auto& [dst, cols] : scratch) {
+    absl::StatusOr<std::unique_ptr<Tensor>> t = be.NewActivation(rows, cols);
+    if (!t.ok()) return t.status();
+    *dst = *std::move(t);
+  }
+
+  MOA_RETURN_IF_ERROR(be.Embed(*im.token_embd, tokens, *x));
+  AttentionParams ap;
+  ap.n_heads = c.n_heads;
+  ap.n_kv_heads = c.n_kv_heads;
+  ap.head_dim = c.head_dim;
+  ap.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  ap.span = im.span;
+  for (int l = 0; l < c.n_layers; ++l) {
+    const Impl::Layer& L = im.layers[l];
+    MOA_RETURN_IF_ERROR(be.RmsNorm(*x, *L.attn_norm, c.rms_eps, *xn));
+    MOA_RETURN_IF_ERROR(be.MatMul(*xn, *L.q, *q));
+    MOA_RETURN_IF_ERROR(be.MatMul(*xn, *L.k, *k));
+    MOA_RETURN_IF_ERROR(be.MatMul(*xn, *L.v, *v));
+    MOA_RETURN_IF_ERROR(be.Rope(*q, c.n_heads, c.head_dim, im.inv_freq, positions, c.rope_layout));
+    MOA_RETURN_IF_ERROR(
+        be.Rope(*k, c.n_kv_heads, c.head_dim, im.inv_freq, positions, c.rope_layout));
+    ap.layer = l;
+    ap.rules = im.rules.empty() ? absl::Span<const SpanRule>() : im.rules[l];
+    MOA_RETURN_IF_ERROR(be.Attention(*q, *k, *v, slices, ap, *attn));
+    MOA_RETURN_IF_ERROR(be.MatMul(*attn, *L.o, *proj));
+    MOA_RETURN_IF_ERROR(be.Add(*x, *proj));
+    MOA_RETURN_IF_ERROR(be.RmsNorm(*x, *L.ffn_norm, c.rms_eps, *xn));
+    MOA_RETURN_IF_ERROR(be.MatMul(*xn, *L.gate, *gate));
+    MOA_RETURN_IF_ERROR(be.MatMul(*xn, *L.up, *up));
+    MOA_RETURN_IF_ERROR(be.SwiGlu(*gate, *up, *act));
+    MOA_RETURN_IF_ERROR(be.MatMul(*act, *L.down, *proj));
+    MOA_RETURN_IF_ERROR(be.Add(*x, *proj));
+  }
+
+  // Only the wanted rows go through the final norm and the (large) vocabulary projection.
+  const int64_t n_out = static_cast<int64_t>(wanted_rows.size());
+  std::unique_ptr<Tensor> last = std::move(x);
+  if (n_out != rows) {
+    std::vector<float> all(rows * d);
+    MOA_RETURN_IF_ERROR(be.CopyToHost(*last, absl::MakeSpan(all)));
+    std::vector<float> picked(n_out * d);
+    for (int64_t i = 0; i < n_out; ++i) {
+      std::copy_n(all.begin() + wanted_rows[i] * d, d, picked.begin() + i * d);
+    }
+    absl::StatusOr<std::unique_ptr<Tensor>> t = be.NewActivation(n_out, d);
+    if (!t.ok()) return t.status();
+    last = *std::move(t);
+    MOA_RETURN_IF_ERROR(be.CopyFromHost(picked, *last));
+  }
+  absl::StatusOr<std::unique_ptr<Tensor>> normed = be.NewActivation(n_out, d);
+  if (!normed.ok()) return normed.status();
+  absl::StatusOr<std::unique_ptr<Tensor>> out = be.NewActivation(n_out, c.vocab_size);
+  if (!out.ok()) return out.status();
+  MOA_RETURN_IF_ERROR(be.RmsNorm(*last, *im.output_norm, c.rms_eps, **normed));
+  MOA_RETURN_IF_ERROR(be.MatMul(**normed, im.logits_weight(), **out));
+  const size_t old = logits->size();
+  logits->resize(old + n_out * c.vocab_size);
+  return be.CopyToHost(**out, absl::MakeSpan(logits->data() + old, n_out * c.vocab_size));
+}
+
+}  // namespace moa
