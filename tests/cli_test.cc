@@ -15,16 +15,16 @@ namespace {
 
 using ::testing::HasSubstr;
 
-struct Run {
+struct CliRun {
   int exit_code;
   std::string out;  // stdout
   std::string err;  // stderr
 };
 
-Run RunMoa(const std::string& args) {
+CliRun RunMoa(const std::string& args) {
   const std::string dir = testing::MakeTempDir();
-  const std::string cmd = std::string(MOA_BIN_DIR) + "/moa " + args + " >" + dir + "/out 2>" +
-                          dir + "/err </dev/null";
+  const std::string cmd =
+      std::string(MOA_BIN_DIR) + "/moa " + args + " >" + dir + "/out 2>" + dir + "/err </dev/null";
   const int status = std::system(cmd.c_str());
   auto slurp = [](const std::string& path) {
     std::ifstream in(path);
@@ -58,7 +58,7 @@ TEST(Cli, BadUsageExitsWithTwoAndPrintsUsage) {
       {"generate " + model + " --prompt hi --seed 1 --seed 2", "given twice"},
   };
   for (const auto& c : cases) {
-    const Run r = RunMoa(c.args);
+    const CliRun r = RunMoa(c.args);
     EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.err;
     EXPECT_THAT(r.err, HasSubstr(c.message)) << c.args;
     EXPECT_THAT(r.err, HasSubstr("usage:")) << c.args;
@@ -66,17 +66,15 @@ TEST(Cli, BadUsageExitsWithTwoAndPrintsUsage) {
 }
 
 TEST(Cli, HelpExitsZero) {
-  const Run r = RunMoa("--help");
+  const CliRun r = RunMoa("--help");
   EXPECT_EQ(r.exit_code, 0);
   EXPECT_THAT(r.out, HasSubstr("moa generate --model PATH"));
 }
 
 TEST(Cli, UnusableInputsExitWithOneAndSayWhy) {
   const std::string dir = testing::MakeTempDir();
-  {
-    std::ofstream(dir + "/junk.bin") << "this is not a model";
-  }
-  Run r = RunMoa("generate --model /nonexistent/model.gguf --prompt hi");
+  { std::ofstream(dir + "/junk.bin") << "this is not a model"; }
+  CliRun r = RunMoa("generate --model /nonexistent/model.gguf --prompt hi");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.err, HasSubstr("/nonexistent/model.gguf"));
   r = RunMoa("generate --model " + dir + "/junk.bin --prompt hi");
@@ -99,9 +97,10 @@ class CliWithModel : public ::testing::Test {
 };
 
 TEST_F(CliWithModel, GeneratesAndReportsSpeed) {
-  const Run r = RunMoa("generate " + model_ +
-                       " --chat --prompt 'What is the capital of France?' --max-tokens 12 "
-                       "--temperature 0");
+  const CliRun r = RunMoa(
+      "generate " + model_ +
+      " --chat --prompt 'What is the capital of France? Answer in one sentence.' --max-tokens 16 "
+      "--temperature 0");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("Paris"));
   EXPECT_THAT(r.err, HasSubstr("tokens/s"));
@@ -112,24 +111,22 @@ TEST_F(CliWithModel, SameSeedSameText) {
   const std::string args = "generate " + model_ +
                            " --prompt 'Once upon a time' --max-tokens 10 --temperature 0.9 "
                            "--seed 7";
-  const Run a = RunMoa(args);
-  const Run b = RunMoa(args);
+  const CliRun a = RunMoa(args);
+  const CliRun b = RunMoa(args);
   ASSERT_EQ(a.exit_code, 0) << a.err;
   EXPECT_EQ(a.out, b.out);
 }
 
 TEST_F(CliWithModel, PlanThatDoesNotFitIsRejected) {
   const std::string dir = testing::MakeTempDir();
-  {
-    std::ofstream(dir + "/plan.json") << R"({"alphas": [[0, 0]], "betas": [[0, 0]]})";
-  }
-  const Run r = RunMoa("generate " + model_ + " --plan " + dir + "/plan.json --prompt hi");
+  { std::ofstream(dir + "/plan.json") << R"({"alphas": [[0, 0]], "betas": [[0, 0]]})"; }
+  const CliRun r = RunMoa("generate " + model_ + " --plan " + dir + "/plan.json --prompt hi");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.err, HasSubstr("layers"));
 }
 
 TEST_F(CliWithModel, InfoPrintsTheModel) {
-  const Run r = RunMoa("info --model " + testing::DefaultModelPath());
+  const CliRun r = RunMoa("info --model " + testing::DefaultModelPath());
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("layers 30"));
   EXPECT_THAT(r.out, HasSubstr("kv heads 3"));
