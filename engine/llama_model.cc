@@ -1,5 +1,6 @@
 #include "engine/llama_model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -19,20 +20,9 @@ namespace {
     }                                         \
   } while (0)
 
-// The model's view of a cache: the backend's cache plus the model that made it, so that a cache
-// of another model (perhaps of the same shape but other weights) is refused.
-class ModelKvCache : public KvCache {
- public:
-  ModelKvCache(const void* owner, std::unique_ptr<KvCache> inner)
-      : owner_(owner), inner_(std::move(inner)) {}
-  int64_t capacity() const override { return inner_->capacity(); }
-  const void* owner() const { return owner_; }
-  KvCache* inner() const { return inner_.get(); }
-
- private:
-  const void* owner_;
-  std::unique_ptr<KvCache> inner_;
-};
+bool SameRule(const SpanRule& a, const SpanRule& b) {
+  return a.dense == b.dense && (a.dense || (a.alpha == b.alpha && a.beta == b.beta));
+}
 
 }  // namespace
 
@@ -102,45 +92,94 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const ModelFile& 
   return m;
 }
 
-absl::StatusOr<std::unique_ptr<KvCache>> LlamaModel::NewKvCache(int64_t capacity_tokens) {
-  KvCacheShape shape;
-  shape.n_layers = config_.n_layers;
-  shape.n_kv_heads = config_.n_kv_heads;
-  shape.head_dim = config_.head_dim;
-  shape.capacity = capacity_tokens;
-  absl::StatusOr<std::unique_ptr<KvCache>> inner = impl_->backend->NewKvCache(shape);
-  if (!inner.ok()) return inner.status();
-  return std::make_unique<ModelKvCache>(impl_.get(), *std::move(inner));
+KvLayout LlamaModel::kv_layout(int32_t block_size) const {
+  KvLayout l;
+  l.n_layers = config_.n_layers;
+  l.n_kv_heads = config_.n_kv_heads;
+  l.head_dim = config_.head_dim;
+  l.block_size = block_size;
+  l.span = impl_->span;
+  l.rules = impl_->rules;
+  return l;
 }
 
-absl::Status LlamaModel::Forward(absl::Span<const ForwardInput> batch, std::vector<float>* logits) {
+int64_t LlamaModel::BytesPerKvBlock(int32_t block_size) const {
+  return impl_->backend->KvBlockBytes(block_size, config_.head_dim);
+}
+
+absl::StatusOr<std::unique_ptr<KvPool>> LlamaModel::NewKvPool(int32_t num_blocks,
+                                                              int32_t block_size) {
+  return impl_->backend->NewKvPool(num_blocks, block_size, config_.head_dim);
+}
+
+// The manager's layout must be this model's: its tables are per (layer, KV head), and its Trim
+// must free only what this model's attention never reads again.
+absl::Status LlamaModel::CheckKvLayout(const KvLayout& l) const {
+  const ModelConfig& c = config_;
+  bool same = l.n_layers == c.n_layers && l.n_kv_heads == c.n_kv_heads && l.head_dim == c.head_dim;
+  const SpanRule dense;
+  for (int layer = 0; same && layer < c.n_layers; ++layer) {
+    for (int h = 0; same && h < c.n_kv_heads; ++h) {
+      const SpanRule& mine = impl_->rules.empty() ? dense : impl_->rules[layer][h];
+      if (!l.rules.empty() && (static_cast<int>(l.rules.size()) != c.n_layers ||
+                               static_cast<int>(l.rules[layer].size()) != c.n_kv_heads)) {
+        same = false;
+        break;
+      }
+      const SpanRule& theirs = l.rules.empty() ? dense : l.rules[layer][h];
+      same = SameRule(mine, theirs) &&
+             (mine.dense || (l.span.sink == impl_->span.sink && l.span.block == impl_->span.block));
+    }
+  }
+  if (!same) {
+    return absl::InvalidArgumentError(
+        "Forward: the KV cache manager's layout is not this model's (LlamaModel::kv_layout)");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::Forward(absl::Span<const ForwardInput> batch, const KvCacheManager& kv,
+                                 KvPool& pool, std::vector<float>* logits) {
   if (logits == nullptr) return absl::InvalidArgumentError("Forward: no logits output");
   if (batch.empty()) return absl::InvalidArgumentError("Forward: empty batch");
   const ModelConfig& c = config_;
   Impl& im = *impl_;
   Backend& be = *im.backend;
+  MOA_RETURN_IF_ERROR(CheckKvLayout(kv.layout()));
+  if (pool.block_size() != kv.layout().block_size || pool.head_dim() != c.head_dim ||
+      pool.num_blocks() < kv.total_blocks()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Forward: a KV pool of ", pool.num_blocks(), " blocks of ", pool.block_size(),
+                     " x ", pool.head_dim(), " cannot back ", kv.total_blocks(), " blocks of ",
+                     kv.layout().block_size, " x ", c.head_dim));
+  }
 
   // Check the whole batch before touching any cache.
   std::vector<SequenceSlice> slices;
+  std::vector<SeqId> seen;
   std::vector<int32_t> tokens;
   std::vector<int32_t> positions;
   std::vector<int64_t> wanted_rows;  // rows whose logits are returned, in order
   for (size_t s = 0; s < batch.size(); ++s) {
     const ForwardInput& in = batch[s];
-    const auto* cache = dynamic_cast<const ModelKvCache*>(in.cache);
-    if (cache == nullptr || cache->owner() != impl_.get()) {
+    if (!kv.contains(in.seq)) {
       return absl::InvalidArgumentError(
-          absl::StrCat("Forward: sequence ", s, ": the KV cache was not made by this model"));
+          absl::StrCat("Forward: input ", s, ": no sequence ", in.seq, " in the KV cache"));
     }
+    if (std::find(seen.begin(), seen.end(), in.seq) != seen.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Forward: sequence ", in.seq, " appears twice in the batch"));
+    }
+    seen.push_back(in.seq);
     if (in.tokens.empty()) {
       return absl::InvalidArgumentError(absl::StrCat("Forward: sequence ", s, " has no tokens"));
     }
     const int64_t n = static_cast<int64_t>(in.tokens.size());
-    if (in.past < 0 || in.past > cache->capacity() - n ||
+    if (in.past < 0 || in.past + n != kv.length(in.seq) ||
         in.past + n > std::numeric_limits<int32_t>::max()) {
-      return absl::OutOfRangeError(absl::StrCat("Forward: sequence ", s, ": ", in.past, " + ", n,
-                                                " tokens exceed the KV cache capacity ",
-                                                cache->capacity()));
+      return absl::OutOfRangeError(absl::StrCat(
+          "Forward: sequence ", in.seq, ": ", in.past, " + ", n, " tokens, but the KV cache was ",
+          "grown to ", kv.length(in.seq), " (KvCacheManager::Grow before Forward)"));
     }
     for (int32_t t : in.tokens) {
       if (t < 0 || t >= c.vocab_size) {
@@ -154,7 +193,7 @@ absl::Status LlamaModel::Forward(absl::Span<const ForwardInput> batch, std::vect
       if (in.all_logits || i == n - 1) wanted_rows.push_back(first + i);
     }
     tokens.insert(tokens.end(), in.tokens.begin(), in.tokens.end());
-    slices.push_back({cache->inner(), in.past, n});
+    slices.push_back({in.past, n, {}});
   }
   const int64_t rows = static_cast<int64_t>(tokens.size());
   const int64_t d = c.d_model;
@@ -169,6 +208,13 @@ absl::Status LlamaModel::Forward(absl::Span<const ForwardInput> batch, std::vect
     absl::StatusOr<std::unique_ptr<Tensor>> t = be.NewActivation(rows, cols);
     if (!t.ok()) return t.status();
     *dst = *std::move(t);
+  }
+
+  // Per layer, each sequence's block tables of every KV head, as the backend takes them.
+  const size_t n_seqs = batch.size();
+  std::vector<absl::Span<const int32_t>> tables(n_seqs * c.n_kv_heads);
+  for (size_t s = 0; s < n_seqs; ++s) {
+    slices[s].block_tables = absl::MakeConstSpan(tables).subspan(s * c.n_kv_heads, c.n_kv_heads);
   }
 
   MOA_RETURN_IF_ERROR(be.Embed(*im.token_embd, tokens, *x));
@@ -188,8 +234,13 @@ absl::Status LlamaModel::Forward(absl::Span<const ForwardInput> batch, std::vect
     MOA_RETURN_IF_ERROR(
         be.Rope(*k, c.n_kv_heads, c.head_dim, im.inv_freq, positions, c.rope_layout));
     ap.layer = l;
+    for (size_t s = 0; s < n_seqs; ++s) {
+      for (int h = 0; h < c.n_kv_heads; ++h) {
+        tables[s * c.n_kv_heads + h] = kv.table(batch[s].seq, l, h).blocks;
+      }
+    }
     ap.rules = im.rules.empty() ? absl::Span<const SpanRule>() : im.rules[l];
-    MOA_RETURN_IF_ERROR(be.Attention(*q, *k, *v, slices, ap, *attn));
+    MOA_RETURN_IF_ERROR(be.Attention(*q, *k, *v, slices, ap, pool, *attn));
     MOA_RETURN_IF_ERROR(be.MatMul(*attn, *L.o, *proj));
     MOA_RETURN_IF_ERROR(be.Add(*x, *proj));
     MOA_RETURN_IF_ERROR(be.RmsNorm(*x, *L.ffn_norm, c.rms_eps, *xn));

@@ -28,8 +28,8 @@ struct SpanParams {
 // left edge back.
 inline int64_t SpanTokens(const SpanRule& r, const SpanParams& p, int64_t n) {
   if (r.dense) return n;
-  const int64_t alpha_blocks = static_cast<int64_t>(
-      std::floor(static_cast<double>(r.alpha) / static_cast<double>(p.block)));
+  const int64_t alpha_blocks =
+      static_cast<int64_t>(std::floor(static_cast<double>(r.alpha) / static_cast<double>(p.block)));
   const int64_t s =
       p.block * alpha_blocks + static_cast<int64_t>(std::floor(r.beta * static_cast<double>(n)));
   return std::max<int64_t>(s, p.sink + p.block);

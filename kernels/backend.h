@@ -24,30 +24,31 @@ class Tensor {
   virtual int64_t cols() const = 0;
 };
 
-// Keys and values of one sequence, for every layer and KV head, positions 0..capacity-1.
-class KvCache {
+// Keys and values in fixed-size blocks, in backend memory. A block holds `block_size` consecutive
+// positions of ONE (layer, KV head) of one sequence: keys [block_size, head_dim] and values
+// [block_size, head_dim]. Which block backs what is the KV cache manager's bookkeeping
+// (kvcache/); the kernels only follow the block tables they are given.
+class KvPool {
  public:
-  virtual ~KvCache() = default;
-  virtual int64_t capacity() const = 0;
-};
-
-struct KvCacheShape {
-  int n_layers = 0;
-  int n_kv_heads = 0;
-  int head_dim = 0;
-  int64_t capacity = 0;  // tokens
+  virtual ~KvPool() = default;
+  virtual int32_t num_blocks() const = 0;
+  virtual int32_t block_size() const = 0;
+  virtual int head_dim() const = 0;
 };
 
 // One sequence's share of a batched step: its rows in the activations are consecutive, in the
 // order the sequences are listed; its new tokens take positions past .. past + n_new - 1.
+// block_tables has one table per KV head of the layer being computed: entry b is the pool block
+// that holds positions [b * block_size, (b + 1) * block_size) of that head, -1 where none does.
+// (Tables are plain int32 arrays so that a GPU backend can upload them as they are.)
 struct SequenceSlice {
-  KvCache* cache = nullptr;
   int64_t past = 0;
   int64_t n_new = 0;
+  absl::Span<const absl::Span<const int32_t>> block_tables;
 };
 
 struct AttentionParams {
-  int layer = 0;
+  int layer = 0;  // for error messages; the block tables already name the layer's blocks
   int n_heads = 0;
   int n_kv_heads = 0;
   int head_dim = 0;
@@ -85,13 +86,19 @@ class Backend {
   // x += y.
   virtual absl::Status Add(Tensor& x, const Tensor& y) = 0;
 
-  virtual absl::StatusOr<std::unique_ptr<KvCache>> NewKvCache(const KvCacheShape& shape) = 0;
-  // Writes k, v [rows, n_kv_heads * head_dim] (keys already rotated) into each sequence's cache at
-  // its new positions, then computes out[rows, n_heads * head_dim] = causal attention of q
-  // [rows, n_heads * head_dim] over the cache, each KV head restricted by its span rule.
+  // A pool of num_blocks KV blocks (see KvPool); contents uninitialised.
+  virtual absl::StatusOr<std::unique_ptr<KvPool>> NewKvPool(int32_t num_blocks, int32_t block_size,
+                                                            int head_dim) = 0;
+  // Memory one KV block takes in this backend (keys and values).
+  virtual int64_t KvBlockBytes(int32_t block_size, int head_dim) const = 0;
+  // Writes k, v [rows, n_kv_heads * head_dim] (keys already rotated) into the pool blocks of each
+  // sequence's new positions, then computes out[rows, n_heads * head_dim] = causal attention of q
+  // [rows, n_heads * head_dim] over the cached keys, each KV head restricted by its span rule.
+  // Reads only the keys a head's span makes visible, through the block tables; a block missing
+  // from a table where a new row is written or a visible key lives is an INTERNAL error.
   virtual absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                  absl::Span<const SequenceSlice> seqs, const AttentionParams& p,
-                                 Tensor& out) = 0;
+                                 KvPool& pool, Tensor& out) = 0;
 };
 
 // The CPU backend; n_threads <= 0 means one per hardware thread.

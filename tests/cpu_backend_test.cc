@@ -8,11 +8,13 @@
 #include <string>
 #include <vector>
 
+#include "absl/types/span.h"
 #include "gtest/gtest.h"
 #include "kernels/attention_span.h"
 #include "kernels/backend.h"
 #include "kernels/dtype.h"
 #include "kernels/quant.h"
+#include "kvcache/kv_cache_manager.h"
 
 namespace moa {
 namespace {
@@ -271,7 +273,7 @@ TEST(CpuBackend, RopeBothLayouts) {
         for (int i = 0; i < hd / 2; ++i) {
           const int a = layout == RopeLayout::kHalfSplit ? i : 2 * i;
           const int b = layout == RopeLayout::kHalfSplit ? i + hd / 2 : 2 * i + 1;
-          const double angle = double{pos[r]} * inv[i];
+          const double angle = static_cast<double>(pos[r]) * inv[i];
           const double ra = x[base + a] * std::cos(angle) - x[base + b] * std::sin(angle);
           const double rb = x[base + a] * std::sin(angle) + x[base + b] * std::cos(angle);
           ASSERT_NEAR(y[base + a], ra, 1e-4);
@@ -334,12 +336,41 @@ std::vector<double> ReferenceAttention(const AttnSetup& s, const SpanParams& sp,
   return out;
 }
 
-// Runs the whole sequence through Attention in chunks of the given sizes; returns the output
-// rows of every position.
+// A one-layer KV cache for the attention tests: a manager and its pool.
+struct PagedKv {
+  std::unique_ptr<KvCacheManager> kv;
+  std::unique_ptr<KvPool> pool;
+};
+
+PagedKv MakePagedKv(Backend& be, int n_kv, int hd, const SpanParams& sp,
+                    const std::vector<SpanRule>& rules, int32_t blocks) {
+  KvLayout layout;
+  layout.n_layers = 1;
+  layout.n_kv_heads = n_kv;
+  layout.head_dim = hd;
+  layout.block_size = 4;  // lengths here are mostly not multiples of it
+  layout.span = sp;
+  if (!rules.empty()) layout.rules = {rules};
+  return {KvCacheManager::Create(layout, blocks).value(),
+          be.NewKvPool(blocks, layout.block_size, hd).value()};
+}
+
+// The block tables of a sequence, as SequenceSlice takes them.
+std::vector<absl::Span<const int32_t>> Tables(const KvCacheManager& kv, SeqId seq) {
+  std::vector<absl::Span<const int32_t>> t;
+  for (int h = 0; h < kv.layout().n_kv_heads; ++h) t.push_back(kv.table(seq, 0, h).blocks);
+  return t;
+}
+
+// Runs the whole sequence through Attention in chunks of the given sizes, trimming the cache
+// between steps; returns the output rows of every position.
 std::vector<float> RunChunks(Backend& be, const AttnSetup& s, const SpanParams& sp,
                              const std::vector<SpanRule>& rules, float scale,
                              const std::vector<int64_t>& chunks) {
-  auto cache = be.NewKvCache({2, s.n_kv, s.hd, s.len}).value();
+  PagedKv paged =
+      MakePagedKv(be, s.n_kv, s.hd, sp, rules, static_cast<int32_t>(s.n_kv * ((s.len + 3) / 4)));
+  KvCacheManager& kv = *paged.kv;
+  const SeqId id = kv.AddSequence();
   const int64_t qc = int64_t{s.n_heads} * s.hd, kc = int64_t{s.n_kv} * s.hd;
   std::vector<float> all;
   int64_t past = 0;
@@ -351,9 +382,12 @@ std::vector<float> RunChunks(Backend& be, const AttnSetup& s, const SpanParams& 
     auto k = Upload(be, slice(s.k, kc), n, kc);
     auto v = Upload(be, slice(s.v, kc), n, kc);
     auto out = be.NewActivation(n, qc).value();
-    AttentionParams p{1, s.n_heads, s.n_kv, s.hd, scale, sp, rules};
-    const SequenceSlice seq{cache.get(), past, n};
-    EXPECT_TRUE(be.Attention(*q, *k, *v, {&seq, 1}, p, *out).ok());
+    AttentionParams p{0, s.n_heads, s.n_kv, s.hd, scale, sp, rules};
+    EXPECT_TRUE(kv.Grow(id, past + n).ok());
+    const std::vector<absl::Span<const int32_t>> tables = Tables(kv, id);
+    const SequenceSlice seq{past, n, tables};
+    EXPECT_TRUE(be.Attention(*q, *k, *v, {&seq, 1}, p, *paged.pool, *out).ok());
+    kv.Trim(id);
     const std::vector<float> y = Download(be, *out);
     all.insert(all.end(), y.begin(), y.end());
     past += n;
@@ -435,13 +469,16 @@ TEST(CpuBackend, AttentionBatchOfSequencesEqualsEachAlone) {
   // Each alone: the first len-3 (at least 0) tokens as a prefill, then the rest.
   std::vector<std::vector<float>> alone;
   for (const AttnSetup& s : seqs) alone.push_back(RunChunks(*be, s, sp, rules, scale, {s.len}));
-  // Together: one batched call with all tokens.
-  std::vector<std::unique_ptr<KvCache>> caches;
+  // Together: one batched call with all tokens, the sequences' blocks in one pool.
+  PagedKv paged = MakePagedKv(*be, nkv, hd, sp, rules, 64);
+  std::vector<std::vector<absl::Span<const int32_t>>> tables;
   std::vector<SequenceSlice> slices;
   std::vector<float> q, k, v;
   for (const AttnSetup& s : seqs) {
-    caches.push_back(be->NewKvCache({2, nkv, hd, s.len + 4}).value());
-    slices.push_back({caches.back().get(), 0, s.len});
+    const SeqId id = paged.kv->AddSequence();
+    ASSERT_TRUE(paged.kv->Grow(id, s.len).ok());
+    tables.push_back(Tables(*paged.kv, id));
+    slices.push_back({0, s.len, tables.back()});
     q.insert(q.end(), s.q.begin(), s.q.end());
     k.insert(k.end(), s.k.begin(), s.k.end());
     v.insert(v.end(), s.v.begin(), s.v.end());
@@ -451,8 +488,8 @@ TEST(CpuBackend, AttentionBatchOfSequencesEqualsEachAlone) {
   auto kt = Upload(*be, k, rows, nkv * hd);
   auto vt = Upload(*be, v, rows, nkv * hd);
   auto out = be->NewActivation(rows, nh * hd).value();
-  AttentionParams p{1, nh, nkv, hd, scale, sp, rules};
-  ASSERT_TRUE(be->Attention(*qt, *kt, *vt, slices, p, *out).ok());
+  AttentionParams p{0, nh, nkv, hd, scale, sp, rules};
+  ASSERT_TRUE(be->Attention(*qt, *kt, *vt, slices, p, *paged.pool, *out).ok());
   const std::vector<float> y = Download(*be, *out);
   std::vector<float> expected;
   for (const auto& a : alone) expected.insert(expected.end(), a.begin(), a.end());
@@ -462,7 +499,10 @@ TEST(CpuBackend, AttentionBatchOfSequencesEqualsEachAlone) {
 TEST(CpuBackend, AttentionRejectsBadInput) {
   auto be = NewCpuBackend(1);
   const int nh = 2, nkv = 1, hd = 4;
-  auto cache = be->NewKvCache({1, nkv, hd, 3}).value();
+  PagedKv paged = MakePagedKv(*be, nkv, hd, {}, {}, 4);
+  const SeqId id = paged.kv->AddSequence();
+  ASSERT_TRUE(paged.kv->Grow(id, 3).ok());
+  const std::vector<absl::Span<const int32_t>> tables = Tables(*paged.kv, id);
   auto q = be->NewActivation(2, nh * hd).value();
   auto k = be->NewActivation(2, nkv * hd).value();
   auto v = be->NewActivation(2, nkv * hd).value();
@@ -471,22 +511,24 @@ TEST(CpuBackend, AttentionRejectsBadInput) {
   ASSERT_TRUE(be->CopyFromHost(std::vector<float>(8, 0.5f), *k).ok());
   ASSERT_TRUE(be->CopyFromHost(std::vector<float>(8, 0.5f), *v).ok());
   AttentionParams p{0, nh, nkv, hd, 0.5f, {}, {}};
-  SequenceSlice past_capacity{cache.get(), 2, 2};  // positions 2, 3 of a 3-token cache
-  EXPECT_EQ(be->Attention(*q, *k, *v, {&past_capacity, 1}, p, *out).code(),
+  KvPool& pool = *paged.pool;
+  SequenceSlice past_blocks{3, 2, tables};  // position 4 is in a block the table lacks
+  EXPECT_EQ(be->Attention(*q, *k, *v, {&past_blocks, 1}, p, pool, *out).code(),
+            absl::StatusCode::kInternal);
+  SequenceSlice fits{1, 2, tables};
+  EXPECT_TRUE(be->Attention(*q, *k, *v, {&fits, 1}, p, pool, *out).ok());
+  SequenceSlice too_few{0, 1, tables};  // rows of q not covered
+  EXPECT_FALSE(be->Attention(*q, *k, *v, {&too_few, 1}, p, pool, *out).ok());
+  SequenceSlice negative{-1, 2, tables};
+  EXPECT_EQ(be->Attention(*q, *k, *v, {&negative, 1}, p, pool, *out).code(),
             absl::StatusCode::kOutOfRange);
-  SequenceSlice fits{cache.get(), 1, 2};
-  EXPECT_TRUE(be->Attention(*q, *k, *v, {&fits, 1}, p, *out).ok());
-  SequenceSlice too_few{cache.get(), 0, 1};  // rows of q not covered
-  EXPECT_FALSE(be->Attention(*q, *k, *v, {&too_few, 1}, p, *out).ok());
-  AttentionParams wrong_layer = p;
-  wrong_layer.layer = 1;
-  EXPECT_FALSE(be->Attention(*q, *k, *v, {&fits, 1}, wrong_layer, *out).ok());
   const SpanRule two[2] = {};
   AttentionParams wrong_rules = p;
   wrong_rules.rules = two;
-  EXPECT_FALSE(be->Attention(*q, *k, *v, {&fits, 1}, wrong_rules, *out).ok());
-  EXPECT_FALSE(be->NewKvCache({1, 1, 4, 0}).ok());
-  EXPECT_FALSE(be->NewKvCache({1 << 20, 1024, 1024, int64_t{1} << 40}).ok());
+  EXPECT_FALSE(be->Attention(*q, *k, *v, {&fits, 1}, wrong_rules, pool, *out).ok());
+  AttentionParams wrong_heads = p;
+  wrong_heads.n_heads = 3;
+  EXPECT_FALSE(be->Attention(*q, *k, *v, {&fits, 1}, wrong_heads, pool, *out).ok());
 }
 
 }  // namespace

@@ -265,13 +265,54 @@ std::vector<int32_t> RandomTokens(int64_t n, int vocab, unsigned seed) {
   return t;
 }
 
+// A model's KV cache for the tests: a block manager with its pool, and one engine-like step
+// (Grow, Forward, Trim).
+struct ModelKv {
+  ModelKv(LlamaModel& model, int32_t blocks, int32_t block_size = 4)
+      : kv(KvCacheManager::Create(model.kv_layout(block_size), blocks).value()),
+        pool(model.NewKvPool(blocks, block_size).value()) {}
+
+  absl::Status Step(LlamaModel& model, SeqId seq, int64_t past, absl::Span<const int32_t> tokens,
+                    bool all_logits, std::vector<float>* logits) {
+    if (absl::Status s = kv->Grow(seq, past + static_cast<int64_t>(tokens.size())); !s.ok()) {
+      return s;
+    }
+    const ForwardInput in{seq, past, tokens, all_logits};
+    absl::Status s = model.Forward({&in, 1}, *kv, *pool, logits);
+    kv->Trim(seq);
+    return s;
+  }
+
+  std::unique_ptr<KvCacheManager> kv;
+  std::unique_ptr<KvPool> pool;
+};
+
 // Logits of one sequence in a single Forward call with all_logits.
 std::vector<float> RunAll(LlamaModel& model, const std::vector<int32_t>& tokens) {
-  auto cache = model.NewKvCache(static_cast<int64_t>(tokens.size())).value();
-  ForwardInput in{cache.get(), 0, tokens, true};
+  ModelKv mk(model, 1024);
   std::vector<float> logits;
-  EXPECT_TRUE(model.Forward({&in, 1}, &logits).ok());
+  EXPECT_TRUE(mk.Step(model, mk.kv->AddSequence(), 0, tokens, true, &logits).ok());
   return logits;
+}
+
+// The last-token logits of a chunked prefill followed by token-by-token decoding, with the
+// windows' blocks trimmed after every step: one vocab row per step after the prefill.
+std::vector<float> RunPrefillThenDecode(LlamaModel& model, const std::vector<int32_t>& tokens,
+                                        int64_t prefill, int64_t chunk) {
+  ModelKv mk(model, 1024);
+  const SeqId seq = mk.kv->AddSequence();
+  const auto all = absl::MakeConstSpan(tokens);
+  std::vector<float> got;
+  for (int64_t past = 0; past < prefill; past += chunk) {
+    got.clear();
+    const int64_t n = std::min(chunk, prefill - past);
+    EXPECT_TRUE(mk.Step(model, seq, past, all.subspan(past, n), false, &got).ok());
+  }
+  for (int64_t i = prefill; i < static_cast<int64_t>(tokens.size()); ++i) {
+    EXPECT_TRUE(mk.Step(model, seq, i, all.subspan(i, 1), false, &got).ok());
+  }
+  EXPECT_TRUE(mk.kv->CheckInvariants().ok());
+  return got;
 }
 
 void ExpectNearReference(const std::vector<float>& got, const std::vector<double>& ref) {
@@ -314,18 +355,12 @@ TEST(LlamaModel, PrefillThenDecodeEqualsOnePass) {
   auto model = LlamaModel::Create(file, be.get(), nullptr).value();
   const std::vector<int32_t> tokens = RandomTokens(20, 97, 4);
   const std::vector<float> all = RunAll(*model, tokens);
-  auto cache = model->NewKvCache(32).value();
   const int64_t prefill = 13;
-  std::vector<float> got;
-  ForwardInput in{cache.get(), 0, absl::MakeConstSpan(tokens).first(prefill), false};
-  ASSERT_TRUE(model->Forward({&in, 1}, &got).ok());
-  ASSERT_EQ(got.size(), 97u);  // the last token only
-  for (int64_t i = prefill; i < 20; ++i) {
-    ForwardInput step{cache.get(), i, absl::MakeConstSpan(tokens).subspan(i, 1), false};
-    ASSERT_TRUE(model->Forward({&step, 1}, &got).ok());
-  }
+  const std::vector<float> got = RunPrefillThenDecode(*model, tokens, prefill, prefill);
   const std::vector<float> expected(all.begin() + (prefill - 1) * 97, all.end());
   EXPECT_EQ(got, expected);
+  // Chunked prefill too.
+  EXPECT_EQ(RunPrefillThenDecode(*model, tokens, prefill, 5), expected);
 }
 
 TEST(LlamaModel, BatchEqualsEachSequenceAlone) {
@@ -337,20 +372,22 @@ TEST(LlamaModel, BatchEqualsEachSequenceAlone) {
   // Each sequence first gets a prefill of its own (of different lengths), then one batched
   // step carries the rest of all three, with all logits for the second one only.
   const std::vector<int64_t> first = {6, 1, 16};
-  std::vector<std::unique_ptr<KvCache>> caches;
+  ModelKv mk(*model, 64);
+  std::vector<SeqId> ids;
   for (size_t s = 0; s < seqs.size(); ++s) {
-    caches.push_back(model->NewKvCache(20).value());
-    ForwardInput in{caches[s].get(), 0, absl::MakeConstSpan(seqs[s]).first(first[s]), false};
+    ids.push_back(mk.kv->AddSequence());
     std::vector<float> ignored;
-    ASSERT_TRUE(model->Forward({&in, 1}, &ignored).ok());
+    ASSERT_TRUE(
+        mk.Step(*model, ids[s], 0, absl::MakeConstSpan(seqs[s]).first(first[s]), false, &ignored)
+            .ok());
   }
   std::vector<ForwardInput> batch;
   for (size_t s = 0; s < seqs.size(); ++s) {
-    batch.push_back(
-        {caches[s].get(), first[s], absl::MakeConstSpan(seqs[s]).subspan(first[s]), s == 1});
+    ASSERT_TRUE(mk.kv->Grow(ids[s], static_cast<int64_t>(seqs[s].size())).ok());
+    batch.push_back({ids[s], first[s], absl::MakeConstSpan(seqs[s]).subspan(first[s]), s == 1});
   }
   std::vector<float> got;
-  ASSERT_TRUE(model->Forward(batch, &got).ok());
+  ASSERT_TRUE(model->Forward(batch, *mk.kv, *mk.pool, &got).ok());
 
   std::vector<float> expected;
   for (size_t s = 0; s < seqs.size(); ++s) {
@@ -387,6 +424,10 @@ TEST(LlamaModel, PlanWithShortWindowsMatchesMaskedReference) {
   EXPECT_GT(diff, 0.05);
   // And the first positions, inside every window, agree.
   for (size_t i = 0; i < 8 * 97; ++i) ASSERT_NEAR(got[i], dense_logits[i], 1e-5);
+  // Chunked prefill and decoding over a cache whose passed window blocks are freed after every
+  // step give the same logits as the one pass.
+  const std::vector<float> expected(got.begin() + 16 * 97, got.end());
+  EXPECT_EQ(RunPrefillThenDecode(*sparse, tokens, 17, 6), expected);
 }
 
 TEST(LlamaModel, PlanMustFitTheModel) {
@@ -402,33 +443,42 @@ TEST(LlamaModel, RejectsBadInput) {
   const ModelFile file = TinyModel(TinyConfig(), 12);
   auto be = NewCpuBackend(1);
   auto model = LlamaModel::Create(file, be.get(), nullptr).value();
-  auto other = LlamaModel::Create(file, be.get(), nullptr).value();
-  auto cache = model->NewKvCache(8).value();
+  ModelKv mk(*model, 8);
+  KvCacheManager& kv = *mk.kv;
+  const SeqId seq = kv.AddSequence();
+  ASSERT_TRUE(kv.Grow(seq, 3).ok());
   std::vector<float> logits;
   const std::vector<int32_t> ok_tokens = {1, 2, 3};
-  EXPECT_FALSE(model->Forward({}, &logits).ok());
-  ForwardInput empty{cache.get(), 0, {}, false};
-  EXPECT_FALSE(model->Forward({&empty, 1}, &logits).ok());
-  const std::vector<int32_t> bad_id = {1, 97};
-  ForwardInput out_of_range{cache.get(), 0, bad_id, false};
-  EXPECT_FALSE(model->Forward({&out_of_range, 1}, &logits).ok());
-  const std::vector<int32_t> negative = {-1};
-  ForwardInput neg{cache.get(), 0, negative, false};
-  EXPECT_FALSE(model->Forward({&neg, 1}, &logits).ok());
-  ForwardInput too_long{cache.get(), 6, ok_tokens, false};
-  EXPECT_EQ(model->Forward({&too_long, 1}, &logits).code(), absl::StatusCode::kOutOfRange);
-  auto foreign = other->NewKvCache(8).value();
-  ForwardInput wrong_cache{foreign.get(), 0, ok_tokens, false};
-  EXPECT_FALSE(model->Forward({&wrong_cache, 1}, &logits).ok());
-  ForwardInput no_cache{nullptr, 0, ok_tokens, false};
-  EXPECT_FALSE(model->Forward({&no_cache, 1}, &logits).ok());
-  ForwardInput twice{cache.get(), 0, ok_tokens, false};
-  const ForwardInput same_cache_twice[] = {twice, twice};
-  EXPECT_FALSE(model->Forward(same_cache_twice, &logits).ok());
+  EXPECT_FALSE(model->Forward({}, kv, *mk.pool, &logits).ok());
+  ForwardInput empty{seq, 3, {}, false};
+  EXPECT_FALSE(model->Forward({&empty, 1}, kv, *mk.pool, &logits).ok());
+  const std::vector<int32_t> bad_id = {1, 2, 97};
+  ForwardInput out_of_range{seq, 0, bad_id, false};
+  EXPECT_FALSE(model->Forward({&out_of_range, 1}, kv, *mk.pool, &logits).ok());
+  const std::vector<int32_t> negative = {1, 2, -1};
+  ForwardInput neg{seq, 0, negative, false};
+  EXPECT_FALSE(model->Forward({&neg, 1}, kv, *mk.pool, &logits).ok());
+  // Positions the cache was not grown to.
+  ForwardInput not_grown{seq, 1, ok_tokens, false};
+  EXPECT_EQ(model->Forward({&not_grown, 1}, kv, *mk.pool, &logits).code(),
+            absl::StatusCode::kOutOfRange);
+  ForwardInput unknown{seq + 100, 0, ok_tokens, false};
+  EXPECT_FALSE(model->Forward({&unknown, 1}, kv, *mk.pool, &logits).ok());
+  ForwardInput twice{seq, 0, ok_tokens, false};
+  const ForwardInput same_seq_twice[] = {twice, twice};
+  EXPECT_FALSE(model->Forward(same_seq_twice, kv, *mk.pool, &logits).ok());
+  // A manager of another layout (block size, plan) or a pool that does not fit it.
+  ModelKv other_blocks(*model, 8, 2);
+  EXPECT_FALSE(model->Forward({&twice, 1}, kv, *other_blocks.pool, &logits).ok());
+  auto small_pool = model->NewKvPool(4, 4).value();
+  EXPECT_FALSE(model->Forward({&twice, 1}, kv, *small_pool, &logits).ok());
+  const MoaPlan plan = MoaPlan::FromJson(kShortWindowPlan).value();
+  auto windowed = LlamaModel::Create(file, be.get(), &plan).value();
+  EXPECT_FALSE(windowed->Forward({&twice, 1}, kv, *mk.pool, &logits).ok());
   EXPECT_TRUE(logits.empty());
-  ForwardInput fits{cache.get(), 5, ok_tokens, false};
-  EXPECT_TRUE(model->Forward({&fits, 1}, &logits).ok());
+  EXPECT_TRUE(model->Forward({&twice, 1}, kv, *mk.pool, &logits).ok());
   EXPECT_EQ(logits.size(), 97u);
+  EXPECT_EQ(model->BytesPerKvBlock(4), 4 * TinyConfig().head_dim * 2 * 4);
 
   ModelFile broken = TinyModel(TinyConfig(), 13);
   broken.tensors.erase("blk.1.ffn_up.weight");
@@ -441,16 +491,16 @@ TEST(LlamaModel, DefaultModelGivesFiniteLogits) {
   const ModelFile file = LoadModel(path).value();
   auto be = NewCpuBackend(0);
   auto model = LlamaModel::Create(file, be.get(), nullptr).value();
-  auto cache = model->NewKvCache(16).value();
+  ModelKv mk(*model, 2 * file.config.n_layers * file.config.n_kv_heads, 16);
+  const SeqId seq = mk.kv->AddSequence();
   const std::vector<int32_t> tokens = {1, 504, 2365, 6354, 16438, 27003, 690, 260};
-  ForwardInput in{cache.get(), 0, tokens, false};
   std::vector<float> logits;
-  ASSERT_TRUE(model->Forward({&in, 1}, &logits).ok());
+  ASSERT_TRUE(mk.Step(*model, seq, 0, tokens, false, &logits).ok());
   ASSERT_EQ(logits.size(), static_cast<size_t>(file.config.vocab_size));
   for (float x : logits) ASSERT_TRUE(std::isfinite(x));
   const std::vector<int32_t> next = {30};
-  ForwardInput step{cache.get(), 8, next, false};
-  ASSERT_TRUE(model->Forward({&step, 1}, &logits).ok());
+  logits.clear();
+  ASSERT_TRUE(mk.Step(*model, seq, 8, next, false, &logits).ok());
   for (float x : logits) ASSERT_TRUE(std::isfinite(x));
 }
 

@@ -46,16 +46,24 @@ absl::StatusOr<std::vector<float>> RunModel(const std::string& path,
   absl::StatusOr<std::unique_ptr<LlamaModel>> model =
       LlamaModel::Create(*file, backend.get(), /*plan=*/nullptr);
   if (!model.ok()) return model.status();
-  absl::StatusOr<std::unique_ptr<KvCache>> cache =
-      (*model)->NewKvCache(static_cast<int64_t>(tokens.size()));
-  if (!cache.ok()) return cache.status();
+  // One sequence in one step: a block per (layer, KV head) holds the whole of it.
+  const int32_t block_size = static_cast<int32_t>(tokens.size());
+  const int32_t blocks = file->config.n_layers * file->config.n_kv_heads;
+  absl::StatusOr<std::unique_ptr<KvCacheManager>> kv =
+      KvCacheManager::Create((*model)->kv_layout(block_size), blocks);
+  if (!kv.ok()) return kv.status();
+  absl::StatusOr<std::unique_ptr<KvPool>> pool = (*model)->NewKvPool(blocks, block_size);
+  if (!pool.ok()) return pool.status();
   ForwardInput in;
-  in.cache = cache->get();
+  in.seq = (*kv)->AddSequence();
   in.past = 0;
   in.tokens = tokens;
   in.all_logits = true;
+  if (absl::Status s = (*kv)->Grow(in.seq, static_cast<int64_t>(tokens.size())); !s.ok()) {
+    return s;
+  }
   std::vector<float> logits;
-  if (absl::Status s = (*model)->Forward({in}, &logits); !s.ok()) return s;
+  if (absl::Status s = (*model)->Forward({in}, **kv, **pool, &logits); !s.ok()) return s;
   return logits;
 }
 

@@ -8,6 +8,7 @@
 #include <memory>
 #include <new>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -23,6 +24,14 @@ namespace {
 
 // Refuses single allocations larger than this (a corrupt shape must not exhaust memory).
 constexpr int64_t kMaxAllocBytes = int64_t{1} << 40;
+
+// Key / value rows the attention loops fetch ahead of use.
+constexpr int64_t kPrefetchRows = 16;
+
+void Prefetch(const float* row, int64_t bytes) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+}
 
 // Rows of activations processed against one pass over a thread's share of a weight matrix: the
 // weights are streamed from memory once per tile while the tile's activations stay in cache.
@@ -80,21 +89,32 @@ class CpuTensor : public Tensor {
   std::unique_ptr<float[]> act_;       // an activation's storage
 };
 
-class CpuKvCache : public KvCache {
+// All keys first, then all values: key block i is [block_size, head_dim] at i * block_size *
+// head_dim, its value block value_offset() floats further on. A head's consecutive blocks (a
+// prefill allocates them in a row) then hold its keys contiguously, as a dense cache would, which
+// the hardware prefetcher streams well.
+class CpuKvPool : public KvPool {
  public:
-  CpuKvCache(const KvCacheShape& shape, std::unique_ptr<float[]> data)
-      : shape_(shape), data_(std::move(data)) {}
-  int64_t capacity() const override { return shape_.capacity; }
-  const KvCacheShape& shape() const { return shape_; }
+  CpuKvPool(int32_t num_blocks, int32_t block_size, int head_dim, std::unique_ptr<float[]> data)
+      : num_blocks_(num_blocks),
+        block_size_(block_size),
+        head_dim_(head_dim),
+        data_(std::move(data)) {}
+  int32_t num_blocks() const override { return num_blocks_; }
+  int32_t block_size() const override { return block_size_; }
+  int head_dim() const override { return head_dim_; }
 
-  // Keys (which = 0) or values (1) of one (layer, kv head): [capacity, head_dim].
-  float* Plane(int layer, int kv_head, int which) {
-    const int64_t plane = shape_.capacity * shape_.head_dim;
-    return data_.get() + ((int64_t{layer} * shape_.n_kv_heads + kv_head) * 2 + which) * plane;
+  // Key row of position `offset` (< block_size) of block `id`; its value row is value_offset()
+  // floats further on.
+  float* Key(int32_t id, int64_t offset) {
+    return data_.get() + (int64_t{id} * block_size_ + offset) * head_dim_;
   }
+  int64_t value_offset() const { return int64_t{num_blocks_} * block_size_ * head_dim_; }
 
  private:
-  KvCacheShape shape_;
+  int32_t num_blocks_;
+  int32_t block_size_;
+  int head_dim_;
   std::unique_ptr<float[]> data_;
 };
 
@@ -358,26 +378,30 @@ class CpuBackend : public Backend {
     return absl::OkStatus();
   }
 
-  absl::StatusOr<std::unique_ptr<KvCache>> NewKvCache(const KvCacheShape& s) override {
-    if (s.n_layers <= 0 || s.n_kv_heads <= 0 || s.head_dim <= 0 || s.capacity <= 0) {
-      return absl::InvalidArgumentError(absl::StrCat("KV cache shape: ", s.n_layers, " layers, ",
-                                                     s.n_kv_heads, " kv heads, head_dim ",
-                                                     s.head_dim, ", capacity ", s.capacity));
+  absl::StatusOr<std::unique_ptr<KvPool>> NewKvPool(int32_t num_blocks, int32_t block_size,
+                                                    int head_dim) override {
+    if (num_blocks <= 0 || block_size <= 0 || head_dim <= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("KV pool: ", num_blocks, " blocks of ", block_size, " x ", head_dim));
     }
-    const int64_t per_token = int64_t{s.n_layers} * s.n_kv_heads * s.head_dim * 2;
-    if (s.capacity > kMaxAllocBytes / static_cast<int64_t>(sizeof(float)) / per_token) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("KV cache of ", s.capacity, " tokens is too large"));
+    const int64_t per_block = int64_t{block_size} * head_dim * 2;
+    if (num_blocks > kMaxAllocBytes / static_cast<int64_t>(sizeof(float)) / per_block) {
+      return absl::ResourceExhaustedError(absl::StrCat("KV pool of ", num_blocks, " blocks of ",
+                                                       per_block, " floats is too large"));
     }
     // Not zeroed: only positions that were written are ever read, and untouched pages of a
-    // large cache then cost no memory.
-    ASSIGN_OR_RETURN(auto data, AllocFloats(per_token * s.capacity, "KV cache"));
-    return std::make_unique<CpuKvCache>(s, std::move(data));
+    // large pool then cost no memory.
+    ASSIGN_OR_RETURN(auto data, AllocFloats(per_block * num_blocks, "KV pool"));
+    return std::make_unique<CpuKvPool>(num_blocks, block_size, head_dim, std::move(data));
+  }
+
+  int64_t KvBlockBytes(int32_t block_size, int head_dim) const override {
+    return int64_t{block_size} * head_dim * 2 * static_cast<int64_t>(sizeof(float));
   }
 
   absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v,
                          absl::Span<const SequenceSlice> seqs, const AttentionParams& p,
-                         Tensor& out) override;
+                         KvPool& pool, Tensor& out) override;
 
  private:
   using DotInt8 = float (*)(const uint8_t*, const cpu::ActBlock*, int64_t);
@@ -460,14 +484,20 @@ absl::Status CpuBackend::MatMulFloat(const CpuTensor& x, const CpuTensor& w, Cpu
 
 absl::Status CpuBackend::Attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                    absl::Span<const SequenceSlice> seqs, const AttentionParams& p,
-                                   Tensor& out) {
+                                   KvPool& pool, Tensor& out) {
   ASSIGN_OR_RETURN(const CpuTensor* qc, AsActivation(q, "Attention q"));
   ASSIGN_OR_RETURN(const CpuTensor* kc, AsActivation(k, "Attention k"));
   ASSIGN_OR_RETURN(const CpuTensor* vc, AsActivation(v, "Attention v"));
   ASSIGN_OR_RETURN(CpuTensor * oc, AsActivation(out, "Attention output"));
+  auto* kv = dynamic_cast<CpuKvPool*>(&pool);
+  if (kv == nullptr) return absl::InvalidArgumentError("Attention: not a CPU KV pool");
   if (p.n_heads <= 0 || p.n_kv_heads <= 0 || p.head_dim <= 0 || p.n_heads % p.n_kv_heads != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "Attention: ", p.n_heads, " heads, ", p.n_kv_heads, " kv heads, head_dim ", p.head_dim));
+  }
+  if (kv->head_dim() != p.head_dim) {
+    return absl::InvalidArgumentError(absl::StrCat("Attention: KV pool of head_dim ",
+                                                   kv->head_dim(), " for head_dim ", p.head_dim));
   }
   if (!p.rules.empty() && static_cast<int>(p.rules.size()) != p.n_kv_heads) {
     return absl::InvalidArgumentError(
@@ -485,64 +515,88 @@ absl::Status CpuBackend::Attention(const Tensor& q, const Tensor& k, const Tenso
   RETURN_IF_ERROR(CheckShape(*vc, rows, kv_cols, "Attention v"));
   RETURN_IF_ERROR(CheckShape(*qc, rows, q_cols, "Attention q"));
   RETURN_IF_ERROR(CheckShape(*oc, rows, q_cols, "Attention output"));
+  const int64_t bs = kv->block_size();
+  const int32_t num_blocks = kv->num_blocks();
+  // Physical block of position `pos` of one head's table, or -1 if the table has none.
+  const auto block_of = [&](absl::Span<const int32_t> table, int64_t pos) -> int32_t {
+    const int64_t b = pos / bs;
+    if (b >= static_cast<int64_t>(table.size())) return -1;
+    const int32_t id = table[b];
+    return id < num_blocks ? id : -1;
+  };
 
-  // Validate every slice before writing anything.
+  // Validate every slice, and every block the new rows go to, before writing anything.
   struct Slice {
-    CpuKvCache* cache;
     int64_t past;
     int64_t first_row;
+    absl::Span<const absl::Span<const int32_t>> tables;
   };
   std::vector<Slice> slices;
-  std::vector<int64_t> row_slice(rows);  // row -> index into slices
+  std::vector<int64_t> row_slice(rows);             // row -> index into slices
+  std::vector<std::pair<int32_t, size_t>> written;  // (block, slice)
   int64_t total = 0;
   for (const SequenceSlice& s : seqs) {
-    auto* cache = dynamic_cast<CpuKvCache*>(s.cache);
-    if (cache == nullptr) return absl::InvalidArgumentError("Attention: not a CPU KV cache");
-    const KvCacheShape& cs = cache->shape();
-    if (cs.n_kv_heads != p.n_kv_heads || cs.head_dim != hd || p.layer < 0 ||
-        p.layer >= cs.n_layers) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "Attention: KV cache of ", cs.n_layers, " layers x ", cs.n_kv_heads, " x ", cs.head_dim,
-          " does not fit layer ", p.layer, " with ", p.n_kv_heads, " x ", hd));
+    const size_t index = slices.size();
+    if (s.past < 0 || s.n_new < 0 || s.past > std::numeric_limits<int32_t>::max() * bs) {
+      return absl::OutOfRangeError(
+          absl::StrCat("Attention: sequence ", index, ": positions ", s.past, " + ", s.n_new));
     }
-    if (s.past < 0 || s.n_new < 0 || s.past > cs.capacity - s.n_new) {
-      return absl::OutOfRangeError(absl::StrCat("Attention: positions ", s.past, " + ", s.n_new,
-                                                " exceed the KV cache capacity ", cs.capacity));
-    }
-    for (const Slice& other : slices) {
-      if (other.cache == cache) {
-        return absl::InvalidArgumentError("Attention: one KV cache in two slices of a batch");
-      }
+    if (static_cast<int>(s.block_tables.size()) != p.n_kv_heads) {
+      return absl::InvalidArgumentError(absl::StrCat("Attention: sequence ", index, ": ",
+                                                     s.block_tables.size(), " block tables for ",
+                                                     p.n_kv_heads, " kv heads"));
     }
     if (s.n_new > rows - total) {
       return absl::InvalidArgumentError(
           absl::StrCat("Attention: slices hold more rows than the ", rows, " of q"));
     }
-    for (int64_t i = 0; i < s.n_new; ++i) row_slice[total + i] = slices.size();
-    slices.push_back({cache, s.past, total});
+    for (int h = 0; h < p.n_kv_heads; ++h) {
+      for (int64_t pos = s.past; pos < s.past + s.n_new; pos += bs - pos % bs) {
+        const int32_t id = block_of(s.block_tables[h], pos);
+        if (id < 0) {
+          return absl::InternalError(absl::StrCat("Attention: layer ", p.layer, " sequence ", index,
+                                                  " kv head ", h, ": no KV block for new ",
+                                                  "position ", pos));
+        }
+        written.emplace_back(id, index);
+      }
+    }
+    for (int64_t i = 0; i < s.n_new; ++i) row_slice[total + i] = index;
+    slices.push_back({s.past, total, s.block_tables});
     total += s.n_new;
   }
   if (total != rows) {
     return absl::InvalidArgumentError(
         absl::StrCat("Attention: slices hold ", total, " rows, q has ", rows));
   }
+  std::sort(written.begin(), written.end());
+  for (size_t i = 1; i < written.size(); ++i) {
+    if (written[i].first == written[i - 1].first && written[i].second != written[i - 1].second) {
+      return absl::InternalError(absl::StrCat("Attention: layer ", p.layer, ": KV block ",
+                                              written[i].first, " is written by two sequences"));
+    }
+  }
 
   // Store the new keys and values first: each new row attends to the earlier new rows.
+  const int64_t voff = kv->value_offset();
   for (int64_t r = 0; r < rows; ++r) {
     const Slice& s = slices[row_slice[r]];
     const int64_t pos = s.past + (r - s.first_row);
     for (int h = 0; h < p.n_kv_heads; ++h) {
-      std::memcpy(s.cache->Plane(p.layer, h, 0) + pos * hd, kc->f32() + r * kv_cols + h * hd,
-                  hd * sizeof(float));
-      std::memcpy(s.cache->Plane(p.layer, h, 1) + pos * hd, vc->f32() + r * kv_cols + h * hd,
-                  hd * sizeof(float));
+      float* key = kv->Key(block_of(s.tables[h], pos), pos % bs);
+      std::memcpy(key, kc->f32() + r * kv_cols + h * hd, hd * sizeof(float));
+      std::memcpy(key + voff, vc->f32() + r * kv_cols + h * hd, hd * sizeof(float));
     }
   }
 
   const int group = p.n_heads / p.n_kv_heads;
+  const int64_t row_bytes = int64_t{hd} * static_cast<int64_t>(sizeof(float));
+  // A visible key whose block is missing: the first one each thread meets.
+  std::vector<absl::Status> errors(pool_.size());
   // Work item = (row, kv head); later rows see more keys, hence the dynamic schedule.
-  pool_.ParallelForGrain(rows * p.n_kv_heads, 4, [&](int, int64_t begin, int64_t end) {
+  pool_.ParallelForGrain(rows * p.n_kv_heads, 4, [&](int thread, int64_t begin, int64_t end) {
     thread_local std::vector<float> scores;
+    thread_local std::vector<const float*> keys;  // key row of each visible key, in order
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / p.n_kv_heads;
       const int h = static_cast<int>(item % p.n_kv_heads);
@@ -554,45 +608,71 @@ absl::Status CpuBackend::Attention(const Tensor& q, const Tensor& k, const Tenso
       const int64_t sink_end = vis.sink_end;
       const int64_t win_begin = std::max(vis.window_begin, sink_end);
       const int64_t n_keys = sink_end + (pos + 1 - win_begin);
-      const auto key_at = [&](int64_t idx) {
-        return idx < sink_end ? idx : win_begin + idx - sink_end;
-      };
-      scores.resize(group * n_keys);
-      const float* kp = s.cache->Plane(p.layer, h, 0);
-      const float* vp = s.cache->Plane(p.layer, h, 1);
-      const float* qrow = qc->f32() + r * q_cols + int64_t{h} * group * hd;
-      for (int64_t idx = 0; idx < n_keys; ++idx) {
-        const float* key = kp + key_at(idx) * hd;
-        for (int g = 0; g < group; ++g) {
-          scores[g * n_keys + idx] = cpu::DotF32(key, qrow + g * hd, hd) * p.scale;
+      keys.resize(n_keys);
+      bool missing = false;
+      int64_t idx = 0;
+      for (const auto& [from, to] :
+           {std::pair{int64_t{0}, sink_end}, std::pair{win_begin, pos + 1}}) {
+        for (int64_t kp = from; kp < to && !missing;) {
+          const int32_t id = block_of(s.tables[h], kp);
+          if (id < 0) {
+            missing = true;
+            if (errors[thread].ok()) {
+              errors[thread] = absl::InternalError(absl::StrCat(
+                  "Attention: layer ", p.layer, " sequence ", row_slice[r], " kv head ", h,
+                  ": no KV block for visible key ", kp, " of the query at ", pos));
+            }
+            break;
+          }
+          const int64_t block_end = std::min(to, (kp / bs + 1) * bs);
+          const float* key = kv->Key(id, kp % bs);
+          for (; kp < block_end; ++kp, key += hd) keys[idx++] = key;
         }
       }
       float* orow = oc->f32() + r * q_cols + int64_t{h} * group * hd;
+      if (missing) {
+        std::fill_n(orow, group * hd, 0.0f);
+        continue;
+      }
+      scores.resize(group * n_keys);
+      float* const sc_all = scores.data();
+      const float* const* const kptr = keys.data();
+      const float* qrow = qc->f32() + r * q_cols + int64_t{h} * group * hd;
+      for (int64_t i = 0; i < n_keys; ++i) {
+        // Rows of consecutive keys are contiguous only within a block: fetch a few rows ahead so
+        // that block boundaries do not stall the stream.
+        if (i + kPrefetchRows < n_keys) Prefetch(kptr[i + kPrefetchRows], row_bytes);
+        for (int g = 0; g < group; ++g) {
+          sc_all[g * n_keys + i] = cpu::DotF32(kptr[i], qrow + g * hd, hd) * p.scale;
+        }
+      }
       std::fill_n(orow, group * hd, 0.0f);
       std::vector<float> inv_sum(group);
       for (int g = 0; g < group; ++g) {
-        float* sc = scores.data() + g * n_keys;
+        float* sc = sc_all + g * n_keys;
         const float mx = *std::max_element(sc, sc + n_keys);
         float sum = 0.0f;
-        for (int64_t idx = 0; idx < n_keys; ++idx) {
-          sc[idx] = std::exp(sc[idx] - mx);
-          sum += sc[idx];
+        for (int64_t i = 0; i < n_keys; ++i) {
+          sc[i] = std::exp(sc[i] - mx);
+          sum += sc[i];
         }
         inv_sum[g] = 1.0f / sum;
       }
-      for (int64_t idx = 0; idx < n_keys; ++idx) {
-        const float* val = vp + key_at(idx) * hd;
+      for (int64_t i = 0; i < n_keys; ++i) {
+        if (i + kPrefetchRows < n_keys) Prefetch(kptr[i + kPrefetchRows] + voff, row_bytes);
+        const float* val = kptr[i] + voff;
         for (int g = 0; g < group; ++g) {
-          const float w = scores[g * n_keys + idx];
+          const float w = sc_all[g * n_keys + i];
           float* o = orow + g * hd;
-          for (int i = 0; i < hd; ++i) o[i] += w * val[i];
+          for (int j = 0; j < hd; ++j) o[j] += w * val[j];
         }
       }
       for (int g = 0; g < group; ++g) {
-        for (int i = 0; i < hd; ++i) orow[g * hd + i] *= inv_sum[g];
+        for (int j = 0; j < hd; ++j) orow[g * hd + j] *= inv_sum[g];
       }
     }
   });
+  for (const absl::Status& e : errors) RETURN_IF_ERROR(e);
   return absl::OkStatus();
 }
 
