@@ -793,6 +793,21 @@ TEST(ProgramsTest, ServerFlagsAndEnvironment) {
   EXPECT_NE(r.output.find("/nonexistent/flag.gguf"), std::string::npos) << r.output;
 }
 
+TEST(ProgramsTest, SigtermDrainsAndExitsZero) {
+  const std::string model = testing::GeneratedDataDir() + "/tiny/model-f32.gguf";
+  ASSERT_TRUE(testing::FileExists(model)) << model << " is missing: run make_tiny_model.py";
+  const std::string log = testing::MakeTempDir() + "/server.log";
+  // Start it, wait until it serves, SIGTERM it, and report its exit code.
+  const std::string script = absl::StrCat(
+      MOA_BIN_DIR, "/moa-server --model ", model, " --port 0 --metrics-port -1 2>", log,
+      " & pid=$!; for i in $(seq 1 300); do grep -q serving ", log,
+      " && break; sleep 0.05; done; kill -TERM $pid; wait $pid; echo exit=$?; cat ", log);
+  const CommandResult r = RunCommand("sh -c '" + script + "'");
+  EXPECT_NE(r.output.find("exit=0"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("SIGTERM, draining"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("moa-server: stopped"), std::string::npos) << r.output;
+}
+
 TEST_F(TinyServerTest, ClientProgramStreamsAndReportsErrors) {
   const std::string client =
       absl::StrCat(MOA_BIN_DIR, "/moa-client --address 127.0.0.1:", server_->port());
