@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -90,6 +91,9 @@ struct MatMulCase {
   DType dtype;
   int64_t k;
 };
+void PrintTo(const MatMulCase& c, std::ostream* os) {
+  *os << GetDTypeInfo(c.dtype).name << " k=" << c.k;
+}
 
 class MatMulTest : public ::testing::TestWithParam<MatMulCase> {};
 
@@ -401,6 +405,9 @@ struct AttnCase {
   SpanParams span;
   std::vector<SpanRule> rules;  // per kv head; empty = dense
 };
+
+// Keeps gtest (and ctest's test names) from printing the struct's bytes.
+void PrintTo(const AttnCase& c, std::ostream* os) { *os << c.name; }
 
 class AttentionTest : public ::testing::TestWithParam<AttnCase> {};
 

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <functional>
 #include <iterator>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -231,6 +232,9 @@ struct RoundTripCase {
   uint32_t version;
   uint32_t alignment;  // 0: default (no key)
 };
+void PrintTo(const RoundTripCase& c, std::ostream* os) {
+  *os << "v" << c.version << " alignment " << c.alignment;
+}
 
 class GgufRoundTrip : public ::testing::TestWithParam<RoundTripCase> {};
 

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <memory>
 #include <numbers>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -327,6 +328,7 @@ struct Variant {
   RopeLayout layout;
   bool tied;
 };
+void PrintTo(const Variant& v, std::ostream* os) { *os << v.name; }
 
 class TinyModelTest : public ::testing::TestWithParam<Variant> {};
 

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <iterator>
 #include <limits>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -47,6 +48,7 @@ struct TypeCase {
   DType type;
   const char* name;
 };
+void PrintTo(const TypeCase& c, std::ostream* os) { *os << c.name; }
 
 class DequantizeVsGgufPy : public ::testing::TestWithParam<TypeCase> {};
 

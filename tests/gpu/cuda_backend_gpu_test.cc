@@ -1,0 +1,575 @@
+// The CUDA backend against the CPU backend (the reference): every op on fresh random inputs, the
+// paged attention over random block placements with chunked prefill then decode, the same errors
+// for bad shapes and missing blocks, and whole models through LlamaModel on both backends.
+// Runs on the GPU machine only (moa_gpu_tests). Model files are found under the repository root
+// given by the environment variable MOA_SOURCE_DIR (default: the current directory).
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "engine/llama_model.h"
+#include "engine/model/model_file.h"
+#include "engine/tokenizer/tokenizer.h"
+#include "gtest/gtest.h"
+#include "kernels/backend.h"
+#include "kernels/cuda/cuda_backend.h"
+#include "kernels/quant.h"
+#include "kvcache/kv_cache_manager.h"
+
+namespace moa {
+namespace {
+
+std::string SourceDir() {
+  const char* env = std::getenv("MOA_SOURCE_DIR");
+  return env != nullptr && *env != '\0' ? env : ".";
+}
+
+bool FileExists(const std::string& path) { return std::ifstream(path).good(); }
+
+std::vector<float> RandomFloats(int64_t n, std::mt19937& rng, float sd = 1.0f) {
+  std::normal_distribution<float> dist(0.0f, sd);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// Largest |got - want| over the largest |want|, with where it happened, for the messages.
+struct Diff {
+  double max_abs = 0.0;
+  double ref_max = 0.0;
+  int64_t worst = -1;
+  double rel() const { return max_abs / std::max(ref_max, 1e-30); }
+};
+
+Diff Compare(const std::vector<float>& got, const std::vector<float>& want) {
+  Diff d;
+  for (size_t i = 0; i < want.size(); ++i) {
+    d.ref_max = std::max(d.ref_max, std::fabs(double{want[i]}));
+    const double e = std::fabs(double{got[i]} - double{want[i]});
+    // NaN (e.g. poison left unwritten) counts as the worst error.
+    if (!(e <= d.max_abs)) {
+      d.max_abs = std::isnan(e) ? INFINITY : e;
+      d.worst = static_cast<int64_t>(i);
+    }
+  }
+  return d;
+}
+
+std::string Describe(const Diff& d, const std::vector<float>& got, const std::vector<float>& want,
+                     int64_t cols) {
+  if (d.worst < 0) return "no difference";
+  return absl::StrFormat(
+      "max |diff| %.3g (relative to max |ref| %.3g: %.3g) at row %d col %d: "
+      "gpu %.6g, cpu %.6g",
+      d.max_abs, d.ref_max, d.rel(), d.worst / cols, d.worst % cols, got[d.worst], want[d.worst]);
+}
+
+#define EXPECT_CLOSE(got, want, cols, tol, what)                               \
+  do {                                                                         \
+    ASSERT_EQ((got).size(), (want).size()) << what;                            \
+    const Diff d_ = Compare(got, want);                                        \
+    EXPECT_LE(d_.rel(), tol) << what << ": " << Describe(d_, got, want, cols); \
+  } while (0)
+
+// A host tensor of `dtype` encoding `values` [rows, cols] (cols a whole number of blocks).
+HostTensor MakeWeight(const std::string& name, DType dtype, int64_t rows, int64_t cols,
+                      const std::vector<float>& values, bool one_d = false) {
+  HostTensor t;
+  t.name = name;
+  t.dtype = dtype;
+  t.shape = one_d ? std::vector<int64_t>{cols} : std::vector<int64_t>{rows, cols};
+  const int64_t row_bytes = RowBytes(dtype, cols).value();
+  auto buf = std::make_shared<std::vector<uint8_t>>(rows * row_bytes);
+  for (int64_t r = 0; r < rows; ++r) {
+    EXPECT_TRUE(
+        QuantizeRow(dtype, values.data() + r * cols, cols, buf->data() + r * row_bytes).ok());
+  }
+  t.data = buf->data();
+  t.nbytes = static_cast<int64_t>(buf->size());
+  t.owner = buf;
+  return t;
+}
+
+class CudaBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<std::unique_ptr<Backend>> gpu = NewCudaBackend(0);
+    ASSERT_TRUE(gpu.ok()) << "no CUDA backend: " << gpu.status();
+    gpu_ = *std::move(gpu);
+    cpu_ = NewCpuBackend(0);
+  }
+
+  // An activation [rows, cols] holding `values` on `be`. On the GPU the buffer is poisoned (NaN)
+  // first so that a kernel that skips an element is caught.
+  std::unique_ptr<Tensor> Act(Backend& be, int64_t rows, int64_t cols,
+                              const std::vector<float>& values) {
+    std::unique_ptr<Tensor> t = be.NewActivation(rows, cols).value();
+    EXPECT_TRUE(be.CopyFromHost(values, *t).ok());
+    return t;
+  }
+  std::unique_ptr<Tensor> Poisoned(Backend& be, int64_t rows, int64_t cols) {
+    return Act(be, rows, cols, std::vector<float>(rows * cols, NAN));
+  }
+  std::vector<float> Host(Backend& be, const Tensor& t) {
+    std::vector<float> v(t.rows() * t.cols());
+    const absl::Status s = be.CopyToHost(t, absl::MakeSpan(v));
+    EXPECT_TRUE(s.ok()) << be.name() << " CopyToHost: " << s;
+    return v;
+  }
+
+  std::unique_ptr<Backend> gpu_, cpu_;
+  std::mt19937 rng_{20261123};
+};
+
+TEST_F(CudaBackendTest, CopyRoundTripAndWeightReadBack) {
+  const std::vector<float> x = RandomFloats(7 * 33, rng_);
+  auto t = Act(*gpu_, 7, 33, x);
+  EXPECT_EQ(Host(*gpu_, *t), x);
+  // A weight reads back as its fp16 rounding.
+  const std::vector<float> w = RandomFloats(5 * 64, rng_);
+  auto wt = gpu_->LoadWeight(MakeWeight("w", DType::kF32, 5, 64, w)).value();
+  const std::vector<float> got = Host(*gpu_, *wt);
+  for (size_t i = 0; i < w.size(); ++i) ASSERT_EQ(got[i], Fp16ToF32(F32ToFp16(w[i]))) << i;
+}
+
+// MatMul: fp16 weights and fp16-rounded activations with fp32 accumulation, against the CPU's
+// exact fp32 (F32/F16 weights) or int8-activation (Q8_0/Q4_1 weights) products.
+TEST_F(CudaBackendTest, MatMul) {
+  struct Case {
+    int64_t rows, k, n;
+  };
+  struct Type {
+    DType dtype;
+    double tol;  // max |diff| / max |ref|
+  };
+  // fp16 rounding of x and w: ~2^-11 each, averaged over K; int8 activations on the CPU: ~1%.
+  for (const Type& ty : {Type{DType::kF32, 4e-3}, Type{DType::kF16, 4e-3}, Type{DType::kQ8_0, 2e-2},
+                         Type{DType::kQ4_1, 2e-2}}) {
+    for (const Case& c : {Case{1, 576, 1536}, Case{7, 224, 33}, Case{33, 96, 250}, Case{5, 1056, 7},
+                          Case{64, 576, 576}}) {
+      const std::string what = absl::StrCat(GetDTypeInfo(ty.dtype).name, " [", c.rows, ", ", c.k,
+                                            "] x [", c.n, ", ", c.k, "]");
+      const std::vector<float> x = RandomFloats(c.rows * c.k, rng_);
+      const HostTensor w = MakeWeight("w", ty.dtype, c.n, c.k, RandomFloats(c.n * c.k, rng_));
+      std::vector<float> out[2];
+      Backend* bes[2] = {cpu_.get(), gpu_.get()};
+      for (int b = 0; b < 2; ++b) {
+        auto wt = bes[b]->LoadWeight(w).value();
+        auto xt = Act(*bes[b], c.rows, c.k, x);
+        auto ot = Poisoned(*bes[b], c.rows, c.n);
+        const absl::Status s = bes[b]->MatMul(*xt, *wt, *ot);
+        ASSERT_TRUE(s.ok()) << bes[b]->name() << " " << what << ": " << s;
+        out[b] = Host(*bes[b], *ot);
+      }
+      EXPECT_CLOSE(out[1], out[0], c.n, ty.tol, what);
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, Embed) {
+  for (DType dt : {DType::kF16, DType::kQ8_0, DType::kF32}) {
+    const int64_t vocab = 301, d = 96;
+    const HostTensor table = MakeWeight("emb", dt, vocab, d, RandomFloats(vocab * d, rng_));
+    std::vector<int32_t> tokens(37);
+    std::uniform_int_distribution<int32_t> tok(0, vocab - 1);
+    for (int32_t& t : tokens) t = tok(rng_);
+    tokens[0] = 0;
+    tokens[1] = vocab - 1;
+    std::vector<float> out[2];
+    Backend* bes[2] = {cpu_.get(), gpu_.get()};
+    for (int b = 0; b < 2; ++b) {
+      auto tt = bes[b]->LoadWeight(table).value();
+      auto ot = Poisoned(*bes[b], 37, d);
+      ASSERT_TRUE(bes[b]->Embed(*tt, tokens, *ot).ok()) << bes[b]->name();
+      out[b] = Host(*bes[b], *ot);
+    }
+    // The GPU stores the table in fp16: at most one fp16 rounding (exact for F16).
+    EXPECT_CLOSE(out[1], out[0], d, dt == DType::kF16 ? 0.0 : 1e-3, GetDTypeInfo(dt).name);
+  }
+}
+
+TEST_F(CudaBackendTest, RmsNorm) {
+  for (int64_t rows : {1, 7, 33}) {
+    for (int64_t d : {576, 100, 4096}) {
+      const std::vector<float> x = RandomFloats(rows * d, rng_, 3.0f);
+      std::vector<float> wv = RandomFloats(d, rng_, 0.2f);
+      for (float& w : wv) w += 1.0f;
+      const HostTensor w = MakeWeight("norm", DType::kF32, 1, d, wv, /*one_d=*/true);
+      std::vector<float> out[2];
+      Backend* bes[2] = {cpu_.get(), gpu_.get()};
+      for (int b = 0; b < 2; ++b) {
+        auto wt = bes[b]->LoadWeight(w).value();
+        auto xt = Act(*bes[b], rows, d, x);
+        auto ot = Poisoned(*bes[b], rows, d);
+        ASSERT_TRUE(bes[b]->RmsNorm(*xt, *wt, 1e-5f, *ot).ok()) << bes[b]->name();
+        out[b] = Host(*bes[b], *ot);
+      }
+      EXPECT_CLOSE(out[1], out[0], d, 1e-5, absl::StrCat("RmsNorm [", rows, ", ", d, "]"));
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, Rope) {
+  for (RopeLayout layout : {RopeLayout::kHalfSplit, RopeLayout::kInterleaved}) {
+    for (auto [rows, n_heads, hd] :
+         {std::tuple{1, 9, 64}, std::tuple{37, 3, 16}, std::tuple{5, 8, 128}}) {
+      const int64_t cols = int64_t{n_heads} * hd;
+      const std::vector<float> x = RandomFloats(rows * cols, rng_);
+      std::vector<float> inv_freq(hd / 2);
+      for (int i = 0; i < hd / 2; ++i) {
+        inv_freq[i] = static_cast<float>(std::pow(10000.0, -2.0 * i / hd));
+      }
+      std::vector<int32_t> pos(rows);
+      std::uniform_int_distribution<int32_t> pd(0, 9000);
+      for (int32_t& p : pos) p = pd(rng_);
+      std::vector<float> out[2];
+      Backend* bes[2] = {cpu_.get(), gpu_.get()};
+      for (int b = 0; b < 2; ++b) {
+        auto xt = Act(*bes[b], rows, cols, x);
+        ASSERT_TRUE(bes[b]->Rope(*xt, n_heads, hd, inv_freq, pos, layout).ok()) << bes[b]->name();
+        out[b] = Host(*bes[b], *xt);
+      }
+      // Same float angles; sincosf and std::sin/cos both within an ulp or two of exact.
+      EXPECT_CLOSE(out[1], out[0], cols, 2e-5,
+                   absl::StrCat("Rope layout ", static_cast<int>(layout), " [", rows, ", ", n_heads,
+                                " x ", hd, "]"));
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, SwiGluAndAdd) {
+  for (auto [rows, cols] : {std::pair{1, 1536}, std::pair{33, 77}}) {
+    const std::vector<float> g = RandomFloats(rows * cols, rng_, 3.0f);
+    const std::vector<float> u = RandomFloats(rows * cols, rng_);
+    std::vector<float> sw[2], add[2];
+    Backend* bes[2] = {cpu_.get(), gpu_.get()};
+    for (int b = 0; b < 2; ++b) {
+      auto gt = Act(*bes[b], rows, cols, g);
+      auto ut = Act(*bes[b], rows, cols, u);
+      auto ot = Poisoned(*bes[b], rows, cols);
+      ASSERT_TRUE(bes[b]->SwiGlu(*gt, *ut, *ot).ok()) << bes[b]->name();
+      sw[b] = Host(*bes[b], *ot);
+      ASSERT_TRUE(bes[b]->Add(*gt, *ut).ok()) << bes[b]->name();
+      add[b] = Host(*bes[b], *gt);
+    }
+    EXPECT_CLOSE(sw[1], sw[0], cols, 1e-6, "SwiGlu");
+    EXPECT_CLOSE(add[1], add[0], cols, 0.0, "Add");
+  }
+}
+
+TEST_F(CudaBackendTest, SameErrorsForBadShapes) {
+  Backend* bes[2] = {cpu_.get(), gpu_.get()};
+  absl::Status got[2][5];
+  for (int b = 0; b < 2; ++b) {
+    Backend& be = *bes[b];
+    auto x = be.NewActivation(3, 64).value();
+    auto y = be.NewActivation(3, 32).value();
+    auto w = be.LoadWeight(MakeWeight("w", DType::kF16, 8, 32, RandomFloats(256, rng_))).value();
+    auto n =
+        be.LoadWeight(MakeWeight("n", DType::kF32, 1, 32, RandomFloats(32, rng_), true)).value();
+    got[b][0] = be.MatMul(*x, *w, *y);
+    got[b][1] = be.RmsNorm(*x, *n, 1e-5f, *x);
+    got[b][2] = be.Add(*x, *y);
+    std::vector<float> f(16, 1.0f);
+    std::vector<int32_t> pos(2, 0);
+    got[b][3] = be.Rope(*x, 2, 32, f, pos, RopeLayout::kHalfSplit);
+    got[b][4] = be.NewKvPool(0, 16, 64).status();
+  }
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_FALSE(got[1][i].ok()) << "case " << i;
+    EXPECT_EQ(got[1][i], got[0][i]) << "case " << i;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paged attention.
+
+struct AttnCase {
+  std::string name;
+  int n_kv_heads, group, head_dim;
+  int32_t block_size;
+  SpanParams span;
+  std::vector<SpanRule> rules;   // per KV head; empty = dense
+  std::vector<int64_t> lengths;  // final length of each sequence
+  std::vector<int64_t> chunks;   // prefill chunk sizes, cycled; then decode steps of one token
+  int64_t decode_steps;
+};
+
+// Runs the same steps on both backends, each sequence's tables placing its blocks at random in
+// the pool, and compares the output of every step.
+void RunAttention(Backend& cpu, Backend& gpu, const AttnCase& c, std::mt19937& rng) {
+  const int n_heads = c.n_kv_heads * c.group;
+  const int hd = c.head_dim;
+  const int64_t n_seqs = static_cast<int64_t>(c.lengths.size());
+  int64_t blocks_per_table = 0;
+  for (int64_t len : c.lengths) {
+    blocks_per_table = std::max(blocks_per_table, (len + c.block_size - 1) / c.block_size);
+  }
+  const int32_t num_blocks = static_cast<int32_t>(n_seqs * c.n_kv_heads * blocks_per_table + 5);
+  std::vector<int32_t> ids(num_blocks);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  std::vector<std::vector<int32_t>> tables(n_seqs * c.n_kv_heads);
+  size_t next = 0;
+  for (int64_t s = 0; s < n_seqs; ++s) {
+    for (int h = 0; h < c.n_kv_heads; ++h) {
+      const int64_t nb = (c.lengths[s] + c.block_size - 1) / c.block_size;
+      for (int64_t b = 0; b < nb; ++b) tables[s * c.n_kv_heads + h].push_back(ids[next++]);
+    }
+  }
+  std::vector<absl::Span<const int32_t>> spans(tables.begin(), tables.end());
+  auto cpu_pool = cpu.NewKvPool(num_blocks, c.block_size, hd).value();
+  auto gpu_pool = gpu.NewKvPool(num_blocks, c.block_size, hd).value();
+  AttentionParams p;
+  p.layer = 3;
+  p.n_heads = n_heads;
+  p.n_kv_heads = c.n_kv_heads;
+  p.head_dim = hd;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  p.span = c.span;
+  p.rules = c.rules;
+
+  std::vector<int64_t> done(n_seqs, 0);
+  int step = 0;
+  size_t chunk_i = 0;
+  while (true) {
+    // Every unfinished sequence takes its next chunk (prefill) or one token (decode).
+    std::vector<SequenceSlice> slices;
+    int64_t rows = 0;
+    for (int64_t s = 0; s < n_seqs; ++s) {
+      const int64_t prefill_end = c.lengths[s] - c.decode_steps;
+      int64_t n = done[s] < prefill_end
+                      ? std::min(c.chunks[chunk_i % c.chunks.size()], prefill_end - done[s])
+                      : std::min<int64_t>(1, c.lengths[s] - done[s]);
+      if (n == 0) continue;
+      slices.push_back(
+          {done[s], n, absl::MakeConstSpan(spans).subspan(s * c.n_kv_heads, c.n_kv_heads)});
+      done[s] += n;
+      rows += n;
+    }
+    ++chunk_i;
+    if (rows == 0) break;
+    const std::vector<float> q = RandomFloats(rows * n_heads * hd, rng);
+    const std::vector<float> k = RandomFloats(rows * c.n_kv_heads * hd, rng);
+    const std::vector<float> v = RandomFloats(rows * c.n_kv_heads * hd, rng);
+    std::vector<float> out[2];
+    Backend* bes[2] = {&cpu, &gpu};
+    KvPool* pools[2] = {cpu_pool.get(), gpu_pool.get()};
+    for (int b = 0; b < 2; ++b) {
+      Backend& be = *bes[b];
+      auto qt = be.NewActivation(rows, int64_t{n_heads} * hd).value();
+      auto kt = be.NewActivation(rows, int64_t{c.n_kv_heads} * hd).value();
+      auto vt = be.NewActivation(rows, int64_t{c.n_kv_heads} * hd).value();
+      ASSERT_TRUE(be.CopyFromHost(q, *qt).ok());
+      ASSERT_TRUE(be.CopyFromHost(k, *kt).ok());
+      ASSERT_TRUE(be.CopyFromHost(v, *vt).ok());
+      auto ot = be.NewActivation(rows, int64_t{n_heads} * hd).value();
+      ASSERT_TRUE(be.CopyFromHost(std::vector<float>(rows * n_heads * hd, NAN), *ot).ok());
+      const absl::Status s = be.Attention(*qt, *kt, *vt, slices, p, *pools[b], *ot);
+      ASSERT_TRUE(s.ok()) << c.name << " step " << step << " " << be.name() << ": " << s;
+      out[b] = Host(be, *ot);
+    }
+    EXPECT_CLOSE(out[1], out[0], int64_t{n_heads} * hd, 1e-4,
+                 absl::StrCat(c.name, " step ", step, " (", rows, " rows)"));
+    ++step;
+  }
+}
+
+TEST_F(CudaBackendTest, AttentionMatchesCpu) {
+  const SpanParams sp{4, 16};
+  const SpanRule dense{};
+  const SpanRule short_win{false, 16, 0.0};   // sink 4 + 12 keys: shorter than the sequences
+  const SpanRule long_win{false, 4096, 0.0};  // longer than the sequences: dense in effect
+  const SpanRule elastic{false, 16, 0.25};
+  std::vector<AttnCase> cases = {
+      {"mha dense", 4, 1, 64, 16, sp, {}, {45}, {17, 8}, 5},
+      {"gqa3 smollm-like", 3, 3, 64, 16, sp, {short_win, dense, elastic}, {100, 61}, {37}, 6},
+      {"gqa4 windows", 2, 4, 128, 16, sp, {short_win, long_win}, {77, 3, 130}, {29, 50}, 4},
+      {"gqa8 head_dim 80 odd block", 1, 8, 80, 7, sp, {elastic}, {93}, {31}, 9},
+      {"gqa8 two kv heads",
+       2,
+       8,
+       64,
+       32,
+       SpanParams{0, 32},
+       {SpanRule{false, 32, 0.1}, short_win},
+       {200, 41},
+       {64, 13},
+       3},
+  };
+  for (const AttnCase& c : cases) {
+    SCOPED_TRACE(c.name);
+    RunAttention(*cpu_, *gpu_, c, rng_);
+  }
+}
+
+// A table missing a block where a new row goes, or where a visible key lives: the same INTERNAL
+// error from both backends, and no crash.
+TEST_F(CudaBackendTest, AttentionMissingBlocks) {
+  const int hd = 32, n_kv = 2, n_heads = 4;
+  for (int variant = 0; variant < 2; ++variant) {
+    absl::Status got[2];
+    Backend* bes[2] = {cpu_.get(), gpu_.get()};
+    for (int b = 0; b < 2; ++b) {
+      Backend& be = *bes[b];
+      auto pool = be.NewKvPool(16, 8, hd).value();
+      // 20 cached + 3 new positions: blocks 0..2. Variant 0 drops block 2 (new rows) of head 1,
+      // variant 1 block 0 (visible keys) of head 0.
+      std::vector<int32_t> t0 = {5, 6, 7}, t1 = {9, 10, 11};
+      if (variant == 0) t1[2] = -1;
+      if (variant == 1) t0[0] = -1;
+      const absl::Span<const int32_t> tabs[2] = {t0, t1};
+      SequenceSlice s{20, 3, tabs};
+      AttentionParams p;
+      p.n_heads = n_heads;
+      p.n_kv_heads = n_kv;
+      p.head_dim = hd;
+      auto q = be.NewActivation(3, n_heads * hd).value();
+      auto k = be.NewActivation(3, n_kv * hd).value();
+      auto v = be.NewActivation(3, n_kv * hd).value();
+      auto o = be.NewActivation(3, n_heads * hd).value();
+      ASSERT_TRUE(be.CopyFromHost(std::vector<float>(3 * n_heads * hd, 0.5f), *q).ok());
+      ASSERT_TRUE(be.CopyFromHost(std::vector<float>(3 * n_kv * hd, 0.5f), *k).ok());
+      ASSERT_TRUE(be.CopyFromHost(std::vector<float>(3 * n_kv * hd, 0.5f), *v).ok());
+      got[b] = be.Attention(*q, *k, *v, {&s, 1}, p, *pool, *o);
+      // The backend is still usable afterwards.
+      EXPECT_EQ(Host(be, *o).size(), size_t{3 * n_heads * hd});
+    }
+    EXPECT_EQ(got[1].code(), absl::StatusCode::kInternal) << got[1];
+    EXPECT_EQ(got[1], got[0]) << "variant " << variant;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole models through LlamaModel.
+
+struct ModelRun {
+  std::vector<float> logits;  // [positions, vocab]
+};
+
+// Prefill in chunks of `chunk` up to `prefill`, then one token per step, logits at every position.
+absl::StatusOr<ModelRun> RunModel(const ModelFile& file, Backend& be,
+                                  const std::vector<int32_t>& tokens, int64_t prefill,
+                                  int64_t chunk) {
+  absl::StatusOr<std::unique_ptr<LlamaModel>> model = LlamaModel::Create(file, &be, nullptr);
+  if (!model.ok()) return model.status();
+  constexpr int32_t kBlock = 16;
+  const KvLayout layout = (*model)->kv_layout(kBlock);
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  const int32_t blocks = static_cast<int32_t>(int64_t{layout.n_layers} * layout.n_kv_heads *
+                                              ((n + kBlock - 1) / kBlock));
+  absl::StatusOr<std::unique_ptr<KvCacheManager>> kv = KvCacheManager::Create(layout, blocks);
+  if (!kv.ok()) return kv.status();
+  absl::StatusOr<std::unique_ptr<KvPool>> pool = (*model)->NewKvPool(blocks, kBlock);
+  if (!pool.ok()) return pool.status();
+  const SeqId seq = (*kv)->AddSequence();
+  ModelRun run;
+  for (int64_t past = 0; past < n;) {
+    const int64_t step = past < prefill ? std::min(chunk, prefill - past) : 1;
+    if (absl::Status s = (*kv)->Grow(seq, past + step); !s.ok()) return s;
+    ForwardInput in{seq, past, absl::MakeConstSpan(tokens).subspan(past, step), true};
+    absl::Status s = (*model)->Forward({&in, 1}, **kv, **pool, &run.logits);
+    (*kv)->Trim(seq);
+    if (!s.ok()) return s;
+    past += step;
+  }
+  return run;
+}
+
+// Same top-1 at every position (unless the CPU's lead over the GPU's choice is below
+// tie_margin) and logits within max_abs / mean_abs of the CPU's.
+void CompareModels(const std::string& path, const std::vector<int32_t>& tokens, int64_t prefill,
+                   int64_t chunk, float max_abs, float mean_abs, float tie_margin, Backend& cpu,
+                   Backend& gpu) {
+  absl::StatusOr<ModelFile> file = LoadModel(path);
+  ASSERT_TRUE(file.ok()) << path << ": " << file.status();
+  absl::StatusOr<ModelRun> want = RunModel(*file, cpu, tokens, prefill, chunk);
+  ASSERT_TRUE(want.ok()) << "cpu: " << want.status();
+  absl::StatusOr<ModelRun> got = RunModel(*file, gpu, tokens, prefill, chunk);
+  ASSERT_TRUE(got.ok()) << "cuda: " << got.status();
+  const int64_t vocab = file->config.vocab_size;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  ASSERT_EQ(want->logits.size(), static_cast<size_t>(n * vocab));
+  ASSERT_EQ(got->logits.size(), static_cast<size_t>(n * vocab));
+  double worst = 0.0, sum = 0.0;
+  int64_t worst_pos = 0;
+  int ties = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float* w = want->logits.data() + i * vocab;
+    const float* g = got->logits.data() + i * vocab;
+    for (int64_t j = 0; j < vocab; ++j) {
+      const double e = std::fabs(double{g[j]} - double{w[j]});
+      sum += e;
+      if (!(e <= worst)) {
+        worst = std::isnan(e) ? INFINITY : e;
+        worst_pos = i;
+      }
+    }
+    const int64_t top_w = std::max_element(w, w + vocab) - w;
+    const int64_t top_g = std::max_element(g, g + vocab) - g;
+    if (top_w != top_g) {
+      EXPECT_LT(w[top_w] - w[top_g], tie_margin)
+          << "position " << i << ": cpu top-1 " << top_w << " (" << w[top_w] << "), cuda top-1 "
+          << top_g << " (cpu logit " << w[top_g] << ")";
+      ++ties;
+    }
+  }
+  const double mean = sum / static_cast<double>(n * vocab);
+  std::printf(
+      "[ model    ] %s: %lld positions, max |logit diff| %.4f (position %lld), mean %.5f, "
+      "top-1 differs at %d near-ties\n",
+      path.c_str(), static_cast<long long>(n), worst, static_cast<long long>(worst_pos), mean,
+      ties);
+  EXPECT_LE(worst, max_abs) << "position " << worst_pos;
+  EXPECT_LE(mean, mean_abs);
+  EXPECT_LE(ties, 2) << "too many positions where the top-1 differs";
+}
+
+TEST_F(CudaBackendTest, TinyModelMatchesCpu) {
+  const std::string path = SourceDir() + "/tests/data/generated/tiny/model-f32.gguf";
+  if (!FileExists(path)) {
+    GTEST_SKIP() << path << " is absent: set MOA_SOURCE_DIR to the repository root and generate "
+                 << "the test data (scripts/test.sh) or carry tests/data/generated/tiny";
+  }
+  const int64_t vocab = LoadModel(path).value().config.vocab_size;
+  std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(vocab - 1));
+  std::vector<int32_t> tokens(101);
+  for (int32_t& t : tokens) t = tok(rng_);
+  // fp32 weights on the CPU, fp16 on the GPU: differences from rounding only.
+  CompareModels(path, tokens, 80, 27, 5e-2f, 5e-3f, 0.05f, *cpu_, *gpu_);
+}
+
+TEST_F(CudaBackendTest, DefaultModelMatchesCpu) {
+  const std::string path = SourceDir() + "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+  if (!FileExists(path)) {
+    GTEST_SKIP() << path << " is absent: set MOA_SOURCE_DIR to the repository root";
+  }
+  absl::StatusOr<ModelFile> file = LoadModel(path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tok = Tokenizer::Create(file->tokenizer);
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  const std::string text =
+      "<|im_start|>user\nThe history of the printing press begins in the fifteenth century, "
+      "when Johannes Gutenberg combined movable metal type, oil-based ink and a screw press. "
+      "Explain in three short paragraphs why this mattered for science, religion and politics "
+      "in Europe, and give one example for each.<|im_end|>\n<|im_start|>assistant\nThe printing "
+      "press changed Europe because";
+  absl::StatusOr<std::vector<int32_t>> tokens = (*tok)->Encode(text, true, true);
+  ASSERT_TRUE(tokens.ok()) << tokens.status();
+  ASSERT_GE(tokens->size(), 80u);
+  // The CPU runs Q4_1 x int8 activations, the GPU fp16 x fp16: both approximate the same
+  // product; the bounds were chosen well inside the llama.cpp conformance test's (3.5 / 0.5).
+  CompareModels(path, *tokens, static_cast<int64_t>(tokens->size()) - 12, 33, 1.5f, 0.2f, 0.5f,
+                *cpu_, *gpu_);
+}
+
+}  // namespace
+}  // namespace moa
