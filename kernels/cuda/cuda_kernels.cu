@@ -1,0 +1,274 @@
+// The CUDA backend's kernels. Written for correctness first and checked against the CPU backend
+// (tests/gpu/cuda_backend_gpu_test.cc); the arithmetic follows kernels/cpu/cpu_backend.cc.
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/cuda/cuda_kernels.h"
+
+namespace moa::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+// Grid-stride loops cap the grid here; more blocks would only queue.
+constexpr int64_t kMaxBlocks = int64_t{1} << 16;
+
+unsigned GridFor(int64_t n) {
+  return static_cast<unsigned>(
+      std::max<int64_t>(1, std::min(kMaxBlocks, (n + kThreads - 1) / kThreads)));
+}
+
+__device__ int64_t GlobalIndex() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ int64_t GlobalStride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+
+__global__ void FloatToHalfKernel(const float* src, int64_t n, __half* dst) {
+  for (int64_t i = GlobalIndex(); i < n; i += GlobalStride()) dst[i] = __float2half_rn(src[i]);
+}
+
+__global__ void EmbedKernel(const __half* table, int64_t cols, const int32_t* tokens, int64_t n,
+                            float* out) {
+  for (int64_t i = GlobalIndex(); i < n; i += GlobalStride()) {
+    const int64_t r = i / cols, c = i % cols;
+    out[i] = __half2float(table[static_cast<int64_t>(tokens[r]) * cols + c]);
+  }
+}
+
+__global__ void RmsNormKernel(const float* x, const float* w, int64_t cols, float eps, float* out) {
+  __shared__ float partial[kThreads];
+  const float* in = x + static_cast<int64_t>(blockIdx.x) * cols;
+  float* dst = out + static_cast<int64_t>(blockIdx.x) * cols;
+  float ss = 0.0f;
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) ss += in[i] * in[i];
+  partial[threadIdx.x] = ss;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+    if (static_cast<int>(threadIdx.x) < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+    __syncthreads();
+  }
+  const float inv = rsqrtf(partial[0] / static_cast<float>(cols) + eps);
+  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) dst[i] = in[i] * inv * w[i];
+}
+
+__global__ void RopeKernel(float* x, int64_t rows, int n_heads, int head_dim, const float* inv_freq,
+                           const int32_t* positions, int step, int partner) {
+  const int half = head_dim / 2;
+  const int64_t n = rows * n_heads * half;
+  for (int64_t t = GlobalIndex(); t < n; t += GlobalStride()) {
+    const int i = static_cast<int>(t % half);
+    const int64_t rh = t / half;  // row * n_heads + head
+    // The angle in float, rounded once, as the CPU computes it (no fused multiply).
+    const float angle = __fmul_rn(static_cast<float>(positions[rh / n_heads]), inv_freq[i]);
+    float sn, cs;
+    sincosf(angle, &sn, &cs);
+    float* head = x + rh * head_dim;
+    const float a0 = head[i * step], b0 = head[i * step + partner];
+    head[i * step] = a0 * cs - b0 * sn;
+    head[i * step + partner] = a0 * sn + b0 * cs;
+  }
+}
+
+__global__ void SwiGluKernel(const float* gate, const float* up, int64_t n, float* out) {
+  for (int64_t i = GlobalIndex(); i < n; i += GlobalStride()) {
+    const float g = gate[i];
+    out[i] = g / (1.0f + expf(-g)) * up[i];
+  }
+}
+
+__global__ void AddKernel(float* x, const float* y, int64_t n) {
+  for (int64_t i = GlobalIndex(); i < n; i += GlobalStride()) x[i] += y[i];
+}
+
+// The pool block of position `pos` in table t, or -1 (the host checked every block it uses; this
+// only keeps a bad table from reading or writing outside the pool).
+__device__ int32_t BlockOf(const DeviceAttention& a, const DevicePool& p, int64_t t, int64_t pos) {
+  const int64_t b = pos / p.block_size;
+  if (b >= a.table_len[t]) return -1;
+  const int32_t id = a.table_data[a.table_begin[t] + b];
+  return id >= 0 && id < p.num_blocks ? id : -1;
+}
+
+__global__ void KvWriteKernel(DeviceAttention a, DevicePool p) {
+  const int hd = p.head_dim;
+  const int64_t n = a.rows * a.n_kv_heads * hd;
+  const int64_t value_offset = static_cast<int64_t>(p.num_blocks) * p.block_size * hd;
+  for (int64_t i = GlobalIndex(); i < n; i += GlobalStride()) {
+    const int d = static_cast<int>(i % hd);
+    const int64_t rh = i / hd;
+    const int64_t r = rh / a.n_kv_heads;
+    const int h = static_cast<int>(rh % a.n_kv_heads);
+    const int64_t pos = a.row_pos[r];
+    const int32_t id = BlockOf(a, p, static_cast<int64_t>(a.row_seq[r]) * a.n_kv_heads + h, pos);
+    if (id < 0) continue;
+    float* key = p.data + (static_cast<int64_t>(id) * p.block_size + pos % p.block_size) * hd + d;
+    key[0] = a.k[i];
+    key[value_offset] = a.v[i];
+  }
+}
+
+constexpr int kWarps = 4;
+// Key and value elements per lane held in registers: head_dim <= 32 * kMaxPerLane.
+constexpr int kMaxPerLane = 8;
+
+__device__ float WarpSum(float v) {
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Block (row, kv head). Each warp runs an online softmax over every kWarps-th visible key for all
+// query heads of the group; the warps' partial results are merged at the end.
+__global__ void AttentionKernel(DeviceAttention a, DevicePool p) {
+  extern __shared__ float smem[];
+  const int hd = p.head_dim;
+  const int group = a.n_heads / a.n_kv_heads;
+  const int64_t r = blockIdx.x / a.n_kv_heads;
+  const int h = static_cast<int>(blockIdx.x % a.n_kv_heads);
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  float* q_s = smem;                       // [group][hd]
+  float* acc = q_s + group * hd;           // [kWarps][group][hd]
+  float* m_s = acc + kWarps * group * hd;  // [kWarps][group]
+  float* l_s = m_s + kWarps * group;       // [kWarps][group]
+
+  const int64_t q_cols = static_cast<int64_t>(a.n_heads) * hd;
+  const float* qrow = a.q + r * q_cols + static_cast<int64_t>(h) * group * hd;
+  for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
+    q_s[i] = qrow[i];
+    for (int w = 0; w < kWarps; ++w) acc[w * group * hd + i] = 0.0f;
+  }
+  for (int i = threadIdx.x; i < kWarps * group; i += blockDim.x) {
+    m_s[i] = -INFINITY;
+    l_s[i] = 0.0f;
+  }
+  __syncthreads();
+
+  const int64_t pos = a.row_pos[r];
+  const int64_t sink_end = a.sink_end[r * a.n_kv_heads + h];
+  const int64_t win_begin = a.win_begin[r * a.n_kv_heads + h];
+  const int64_t n_keys = sink_end + (pos + 1 - win_begin);
+  const int64_t t = static_cast<int64_t>(a.row_seq[r]) * a.n_kv_heads + h;
+  const int64_t value_offset = static_cast<int64_t>(p.num_blocks) * p.block_size * hd;
+  float* my_acc = acc + warp * group * hd;
+  for (int64_t i = warp; i < n_keys; i += kWarps) {
+    const int64_t kp = i < sink_end ? i : win_begin + (i - sink_end);
+    const int32_t id = BlockOf(a, p, t, kp);
+    if (id < 0) continue;
+    const float* key = p.data + (static_cast<int64_t>(id) * p.block_size + kp % p.block_size) * hd;
+    float kr[kMaxPerLane], vr[kMaxPerLane];
+#pragma unroll
+    for (int j = 0; j < kMaxPerLane; ++j) {
+      const int d = lane + 32 * j;
+      kr[j] = d < hd ? key[d] : 0.0f;
+      vr[j] = d < hd ? key[value_offset + d] : 0.0f;
+    }
+    for (int g = 0; g < group; ++g) {
+      float dot = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kMaxPerLane; ++j) {
+        const int d = lane + 32 * j;
+        if (d < hd) dot += q_s[g * hd + d] * kr[j];
+      }
+      const float s = WarpSum(dot) * a.scale;
+      const float m_old = m_s[warp * group + g];
+      const float m_new = fmaxf(m_old, s);
+      const float corr = expf(m_old - m_new);
+      const float e = expf(s - m_new);
+#pragma unroll
+      for (int j = 0; j < kMaxPerLane; ++j) {
+        const int d = lane + 32 * j;
+        if (d < hd) my_acc[g * hd + d] = my_acc[g * hd + d] * corr + e * vr[j];
+      }
+      __syncwarp();
+      if (lane == 0) {
+        m_s[warp * group + g] = m_new;
+        l_s[warp * group + g] = l_s[warp * group + g] * corr + e;
+      }
+      __syncwarp();
+    }
+  }
+  __syncthreads();
+
+  float* orow = a.out + r * q_cols + static_cast<int64_t>(h) * group * hd;
+  for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
+    const int g = i / hd;
+    float m = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, m_s[w * group + g]);
+    float l = 0.0f, o = 0.0f;
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = m_s[w * group + g] == -INFINITY ? 0.0f : expf(m_s[w * group + g] - m);
+      l += l_s[w * group + g] * f;
+      o += acc[w * group * hd + i] * f;
+    }
+    orow[i] = o / l;
+  }
+}
+
+}  // namespace
+
+cudaError_t LaunchFloatToHalf(const float* src, int64_t n, void* dst, cudaStream_t stream) {
+  FloatToHalfKernel<<<GridFor(n), kThreads, 0, stream>>>(src, n, static_cast<__half*>(dst));
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchEmbed(const void* table, int64_t cols, const int32_t* tokens, int64_t rows,
+                        float* out, cudaStream_t stream) {
+  const int64_t n = rows * cols;
+  EmbedKernel<<<GridFor(n), kThreads, 0, stream>>>(static_cast<const __half*>(table), cols, tokens,
+                                                   n, out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchRmsNorm(const float* x, const float* weight, int64_t rows, int64_t cols,
+                          float eps, float* out, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  RmsNormKernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, weight, cols, eps, out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchRope(float* x, int64_t rows, int n_heads, int head_dim, const float* inv_freq,
+                       const int32_t* positions, int step, int partner, cudaStream_t stream) {
+  const int64_t n = rows * n_heads * (head_dim / 2);
+  RopeKernel<<<GridFor(n), kThreads, 0, stream>>>(x, rows, n_heads, head_dim, inv_freq, positions,
+                                                  step, partner);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSwiGlu(const float* gate, const float* up, int64_t n, float* out,
+                         cudaStream_t stream) {
+  SwiGluKernel<<<GridFor(n), kThreads, 0, stream>>>(gate, up, n, out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchAdd(float* x, const float* y, int64_t n, cudaStream_t stream) {
+  AddKernel<<<GridFor(n), kThreads, 0, stream>>>(x, y, n);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchKvWrite(const DeviceAttention& a, const DevicePool& pool, cudaStream_t stream) {
+  const int64_t n = a.rows * a.n_kv_heads * pool.head_dim;
+  KvWriteKernel<<<GridFor(n), kThreads, 0, stream>>>(a, pool);
+  return cudaGetLastError();
+}
+
+int64_t AttentionSharedBytes(int group, int head_dim) {
+  return static_cast<int64_t>(sizeof(float)) *
+         ((1 + kWarps) * static_cast<int64_t>(group) * head_dim + 2 * kWarps * group);
+}
+
+cudaError_t LaunchAttention(const DeviceAttention& a, const DevicePool& pool, cudaStream_t stream) {
+  if (pool.head_dim > 32 * kMaxPerLane) return cudaErrorInvalidValue;
+  const int64_t blocks = a.rows * a.n_kv_heads;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const int64_t bytes = AttentionSharedBytes(a.n_heads / a.n_kv_heads, pool.head_dim);
+  if (bytes > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(
+        AttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (e != cudaSuccess) return e;
+  }
+  AttentionKernel<<<static_cast<unsigned>(blocks), 32 * kWarps, bytes, stream>>>(a, pool);
+  return cudaGetLastError();
+}
+
+}  // namespace moa::cuda

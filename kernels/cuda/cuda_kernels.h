@@ -1,0 +1,76 @@
+// Launchers of the CUDA backend's kernels (kernels/cuda/cuda_kernels.cu). Plain functions over
+// device pointers: the .cu files build as C++17 (nvcc under CMake 3.25), the backend that calls
+// them (cuda_backend.cc) as C++20. Each launcher only enqueues work on `stream` and returns the
+// launch error; shapes were checked by the caller.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace moa::cuda {
+
+// dst[i] = half(src[i]) for n floats.
+cudaError_t LaunchFloatToHalf(const float* src, int64_t n, void* dst, cudaStream_t stream);
+
+// out[i, :] = float(table[tokens[i], :]); table is fp16 [*, cols].
+cudaError_t LaunchEmbed(const void* table, int64_t cols, const int32_t* tokens, int64_t rows,
+                        float* out, cudaStream_t stream);
+
+// out = x / rms(x) * weight row by row; x, out [rows, cols], weight fp32 [cols].
+cudaError_t LaunchRmsNorm(const float* x, const float* weight, int64_t rows, int64_t cols,
+                          float eps, float* out, cudaStream_t stream);
+
+// Rotates the pairs of every head of x [rows, n_heads * head_dim] in place. Pair i of a head is
+// (i * step, i * step + partner); row r is at positions[r]; inv_freq has head_dim / 2 entries.
+cudaError_t LaunchRope(float* x, int64_t rows, int n_heads, int head_dim, const float* inv_freq,
+                       const int32_t* positions, int step, int partner, cudaStream_t stream);
+
+// out = silu(gate) * up over n floats.
+cudaError_t LaunchSwiGlu(const float* gate, const float* up, int64_t n, float* out,
+                         cudaStream_t stream);
+
+// x += y over n floats.
+cudaError_t LaunchAdd(float* x, const float* y, int64_t n, cudaStream_t stream);
+
+// The KV pool: all key blocks [num_blocks, block_size, head_dim], then all value blocks.
+struct DevicePool {
+  float* data;
+  int32_t num_blocks;
+  int32_t block_size;
+  int head_dim;
+};
+
+// Per-call attention metadata, in device memory. A "table" is one (sequence, KV head) block
+// table: entries table_data[table_begin[t] .. table_begin[t] + table_len[t]).
+struct DeviceAttention {
+  const float* q;  // [rows, n_heads * head_dim]
+  const float* k;  // [rows, n_kv_heads * head_dim]
+  const float* v;
+  float* out;  // [rows, n_heads * head_dim]
+  int64_t rows;
+  int n_heads;
+  int n_kv_heads;
+  float scale;
+  const int32_t* row_pos;      // [rows] position of each row
+  const int32_t* row_seq;      // [rows] sequence index of each row
+  const int64_t* table_begin;  // [n_seqs * n_kv_heads]
+  const int32_t* table_len;    // [n_seqs * n_kv_heads]
+  const int32_t* table_data;
+  // [rows * n_kv_heads]: the visible keys of (row, head) are [0, sink_end) and
+  // [win_begin, row_pos] with win_begin >= sink_end.
+  const int32_t* sink_end;
+  const int32_t* win_begin;
+};
+
+// Copies each row's keys and values into the pool blocks of its position.
+cudaError_t LaunchKvWrite(const DeviceAttention& a, const DevicePool& pool, cudaStream_t stream);
+
+// One thread block per (row, KV head), all query heads of the GQA group together, online softmax
+// over the visible keys. Dynamic shared memory must fit (see AttentionSharedBytes).
+cudaError_t LaunchAttention(const DeviceAttention& a, const DevicePool& pool, cudaStream_t stream);
+
+// Shared memory the attention kernel needs for a group of `group` query heads of head_dim.
+int64_t AttentionSharedBytes(int group, int head_dim);
+
+}  // namespace moa::cuda
