@@ -1,18 +1,24 @@
 // KV block bookkeeping: a seeded property test that plays a small scheduler (random plans,
 // prompts, chunked prefill, decodes, finishes, cancels, preemptions, pool exhaustion) against
-// KvCacheManager and audits it after every step, plus the "freed blocks never come back" check.
+// KvCacheManager and audits it after every step, running real CPU attention over the paged pool
+// through the manager's tables against a dense masked reference over each sequence's whole
+// history; plus the "freed blocks never come back" check.
 #include "kvcache/kv_cache_manager.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <iostream>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/types/span.h"
 #include "gtest/gtest.h"
 #include "kernels/attention_span.h"
+#include "kernels/backend.h"
 
 namespace moa {
 namespace {
@@ -31,7 +37,7 @@ KvLayout RandomLayout(std::mt19937& rng) {
   KvLayout l;
   l.n_layers = pick(1, 3);
   l.n_kv_heads = pick(1, 3);
-  l.head_dim = 4;
+  l.head_dim = 8;
   const int32_t sizes[] = {1, 2, 3, 4, 8, 16};
   l.block_size = sizes[pick(0, 5)];
   l.span.block = pick(1, 8);
@@ -110,10 +116,104 @@ void ExpectHeldEqualsFormula(const KvCacheManager& kv, SeqId seq, int64_t past,
   ASSERT_EQ(kv.blocks_held(seq), sum) << where;
 }
 
+// Every K/V row a sequence ever wrote, per layer ([position][n_kv_heads * head_dim]): what the
+// dense reference attends over, and what a preempted sequence writes again when it recomputes.
+struct History {
+  std::vector<std::vector<float>> k, v;  // [layer], positions appended
+  int64_t length = 0;
+};
+
 struct Request {
   int64_t prompt;  // tokens to prefill (grows when the request is preempted)
   int64_t to_generate;
+  History history;  // kept across a preemption
 };
+
+// Runs attention for every layer of `seq` over the step's new positions [past, new_len): writes
+// their K/V rows (from the history, random where the sequence never got that far) into the pool
+// through the manager's tables, then compares the output with a dense softmax over the whole
+// history masked with IsVisible(). Counts the rows checked.
+void ExpectAttentionEqualsDense(Backend& be, KvPool& pool, const KvCacheManager& kv, SeqId seq,
+                                int group, int64_t past, int64_t new_len, History& hist,
+                                std::mt19937& rng, int64_t& rows_checked,
+                                const std::string& where) {
+  const KvLayout& l = kv.layout();
+  const int n_kv = l.n_kv_heads, n_heads = n_kv * group, hd = l.head_dim;
+  const int64_t kc = int64_t{n_kv} * hd, qc = int64_t{n_heads} * hd, n_new = new_len - past;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  auto random_rows = [&](int64_t n, int64_t cols) {
+    std::vector<float> x(n * cols);
+    for (float& f : x) f = normal(rng);
+    return x;
+  };
+  if (hist.k.empty()) hist.k.resize(l.n_layers), hist.v.resize(l.n_layers);
+  if (hist.length < new_len) {
+    for (int layer = 0; layer < l.n_layers; ++layer) {
+      for (auto* kv_rows : {&hist.k[layer], &hist.v[layer]}) {
+        const std::vector<float> more = random_rows(new_len - hist.length, kc);
+        kv_rows->insert(kv_rows->end(), more.begin(), more.end());
+      }
+    }
+    hist.length = new_len;
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  for (int layer = 0; layer < l.n_layers; ++layer) {
+    const std::vector<float>& hk = hist.k[layer];
+    const std::vector<float>& hv = hist.v[layer];
+    std::vector<SpanRule> rules;  // empty: every head dense
+    if (!l.rules.empty()) rules = l.rules[layer];
+    std::vector<absl::Span<const int32_t>> tables;
+    for (int h = 0; h < n_kv; ++h) tables.push_back(kv.table(seq, layer, h).blocks);
+    const SequenceSlice slice{past, n_new, tables};
+    const std::vector<float> q = random_rows(n_new, qc);
+    auto upload = [&](absl::Span<const float> x, int64_t cols) {
+      auto t = be.NewActivation(n_new, cols).value();
+      EXPECT_TRUE(be.CopyFromHost(x, *t).ok());
+      return t;
+    };
+    auto qt = upload(q, qc);
+    auto kt = upload(absl::MakeConstSpan(hk).subspan(past * kc, n_new * kc), kc);
+    auto vt = upload(absl::MakeConstSpan(hv).subspan(past * kc, n_new * kc), kc);
+    auto out = be.NewActivation(n_new, qc).value();
+    const AttentionParams p{layer, n_heads, n_kv, hd, scale, l.span, rules};
+    const absl::Status st = be.Attention(*qt, *kt, *vt, {&slice, 1}, p, pool, *out);
+    ASSERT_TRUE(st.ok()) << where << ": layer " << layer << ": " << st;
+    std::vector<float> y(n_new * qc);
+    ASSERT_TRUE(be.CopyToHost(*out, absl::MakeSpan(y)).ok());
+    std::vector<double> logit(new_len), ref(hd);
+    for (int64_t r = 0; r < n_new; ++r) {
+      const int64_t qp = past + r;
+      for (int h = 0; h < n_heads; ++h) {
+        const int kvh = h / group;
+        double mx = -INFINITY;
+        for (int64_t kp = 0; kp <= qp; ++kp) {
+          logit[kp] = -INFINITY;
+          if (!IsVisible(RuleOf(l, layer, kvh), l.span, qp, kp)) continue;
+          double dot = 0;
+          for (int i = 0; i < hd; ++i) {
+            dot += double{q[(r * n_heads + h) * hd + i]} * hk[(kp * n_kv + kvh) * hd + i];
+          }
+          logit[kp] = dot * scale;
+          mx = std::max(mx, logit[kp]);
+        }
+        double sum = 0;
+        for (int64_t kp = 0; kp <= qp; ++kp) sum += std::exp(logit[kp] - mx);
+        std::fill(ref.begin(), ref.end(), 0.0);
+        for (int64_t kp = 0; kp <= qp; ++kp) {
+          const double w = std::exp(logit[kp] - mx) / sum;
+          if (w == 0) continue;
+          for (int i = 0; i < hd; ++i) ref[i] += w * hv[(kp * n_kv + kvh) * hd + i];
+        }
+        for (int i = 0; i < hd; ++i) {
+          ASSERT_NEAR(y[(r * n_heads + h) * hd + i], ref[i], 2e-5 * std::max(1.0, std::abs(ref[i])))
+              << where << ": layer " << layer << " head " << h << " position " << qp << " dim "
+              << i;
+        }
+      }
+      ++rows_checked;
+    }
+  }
+}
 
 struct Running {
   SeqId seq;
@@ -126,25 +226,35 @@ TEST(KvCacheManagerProperty, RandomSchedulesKeepEveryInvariant) {
   auto pick = [&](int64_t lo, int64_t hi) {
     return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
   };
+  // Attention data (GQA ratio, queries, keys, values) has its own stream so the schedules do not
+  // depend on it.
+  std::mt19937 data_rng(77);
+  auto be = NewCpuBackend(1);
   int64_t steps = 0, exhausted = 0, preemptions = 0, cancels = 0, finishes = 0;
+  int64_t rows_checked = 0, recomputed_rows = 0;
   for (int scenario = 0; scenario < 200; ++scenario) {
     const KvLayout layout = RandomLayout(rng);
+    const int group = std::uniform_int_distribution<int>(1, 3)(data_rng);
     const int64_t heads = int64_t{layout.n_layers} * layout.n_kv_heads;
     // From "fits one short request" to roomy.
     const int32_t num_blocks = static_cast<int32_t>(
         heads * pick(CeilDiv(24, layout.block_size), CeilDiv(200, layout.block_size)));
     KvCacheManager kv(layout, num_blocks);
+    auto pool = be->NewKvPool(num_blocks, layout.block_size, layout.head_dim).value();
     const std::string where = absl::StrCat("scenario ", scenario);
     std::vector<Request> waiting;
     std::vector<Running> running;  // oldest first
     const int64_t chunk = pick(1, 24);
     for (int step = 0; step < 60; ++step, ++steps) {
       const std::string at = absl::StrCat(where, " step ", step);
-      if (pick(0, 2) == 0) waiting.push_back({pick(1, 60), pick(1, 40)});
+      if (pick(0, 2) == 0) {
+        const int64_t prompt = pick(1, 60);
+        waiting.push_back({prompt, pick(1, 40), {}});
+      }
       // Admit the oldest waiting request when there is room for its first chunk.
       if (!waiting.empty() && running.size() < 4 &&
           kv.BlocksForNew(std::min(chunk, waiting.front().prompt)) <= kv.free_blocks()) {
-        running.push_back({kv.AddSequence(), waiting.front()});
+        running.push_back({kv.AddSequence(), std::move(waiting.front())});
         waiting.erase(waiting.begin());
       }
       // One step for every running sequence: a prefill chunk or one decoded token.
@@ -165,14 +275,17 @@ TEST(KvCacheManagerProperty, RandomSchedulesKeepEveryInvariant) {
           ASSERT_EQ(kv.length(r.seq), past) << at;
           ASSERT_EQ(kv.blocks_held(r.seq), held_before) << at;
           ++exhausted;
-          Running victim = running.back();
+          const bool victim_is_this = &running.back() == &r;
+          Running victim = std::move(running.back());
           running.pop_back();
           ASSERT_TRUE(kv.Release(victim.seq).ok()) << at;
           ++preemptions;
-          // Recomputed later: what it generated so far becomes part of its prompt.
-          waiting.insert(waiting.begin(), {victim.req.prompt + victim.generated,
-                                           victim.req.to_generate - victim.generated});
-          if (victim.seq == r.seq) continue;  // it was this one: nothing to run
+          // Recomputed later: what it generated so far becomes part of its prompt, and its K/V
+          // rows are written again from scratch (the same values: recomputation is exact).
+          waiting.insert(waiting.begin(), Request{victim.req.prompt + victim.generated,
+                                                  victim.req.to_generate - victim.generated,
+                                                  std::move(victim.req.history)});
+          if (victim_is_this) continue;  // it was this one: nothing to run
           ASSERT_TRUE(kv.CheckInvariants().ok()) << at << kv.CheckInvariants();
           continue;  // retry this sequence with the freed blocks
         }
@@ -183,6 +296,11 @@ TEST(KvCacheManagerProperty, RandomSchedulesKeepEveryInvariant) {
         for (int64_t q = past; q < new_len; ++q) {
           ASSERT_NO_FATAL_FAILURE(ExpectVisibleKeysBacked(kv, r.seq, q, at));
         }
+        // ... and attention through those tables reads exactly what was written there.
+        recomputed_rows += std::max<int64_t>(0, std::min(new_len, r.req.history.length) - past);
+        ASSERT_NO_FATAL_FAILURE(ExpectAttentionEqualsDense(*be, *pool, kv, r.seq, group, past,
+                                                           new_len, r.req.history, data_rng,
+                                                           rows_checked, at));
         // A cancel may come mid-step (between Grow and Trim), e.g. in the middle of a prefill.
         if (pick(0, 40) == 0) {
           ASSERT_TRUE(kv.Release(r.seq).ok()) << at;
@@ -213,13 +331,17 @@ TEST(KvCacheManagerProperty, RandomSchedulesKeepEveryInvariant) {
     ASSERT_EQ(kv.num_sequences(), 0) << where;
   }
   std::cout << steps << " steps, " << exhausted << " exhausted pools, " << preemptions
-            << " preemptions, " << cancels << " cancels, " << finishes << " finishes\n";
+            << " preemptions, " << cancels << " cancels, " << finishes << " finishes, "
+            << rows_checked << " attention rows checked (" << recomputed_rows
+            << " recomputed after a preemption)\n";
   // The schedule must have exercised every path.
   EXPECT_GT(steps, 3000);
   EXPECT_GT(exhausted, 10);
   EXPECT_GT(preemptions, 10);
   EXPECT_GT(cancels, 10);
   EXPECT_GT(finishes, 100);
+  EXPECT_GT(rows_checked, 20000);
+  EXPECT_GT(recomputed_rows, 500);
 }
 
 // One sequence decoded token by token, trimmed after every step: every key any later query sees
