@@ -2,7 +2,7 @@
 //
 //   moa generate --model PATH [--plan PLAN] (--prompt TEXT | --prompt-file F) [--chat]
 //                [--system TEXT] [--max-tokens N] [--temperature T] [--top-p P] [--top-k K]
-//                [--seed S] [--threads N]
+//                [--seed S] [--device cpu|cuda] [--threads N]
 //   moa info --model PATH [--plan PLAN]
 //
 // Flags are parsed here rather than with absl flags because bad usage must exit with code 2 and
@@ -12,6 +12,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <memory>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -27,6 +28,7 @@
 #include "engine/tokenizer/chat_template.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "kernels/backend.h"
+#include "kernels/backend_factory.h"
 
 namespace {
 
@@ -34,7 +36,7 @@ constexpr char kUsage[] =
     R"(usage:
   moa generate --model PATH [--plan PLAN] (--prompt TEXT | --prompt-file FILE) [--chat]
                [--system TEXT] [--max-tokens N] [--temperature T] [--top-p P] [--top-k K]
-               [--seed S] [--threads N]
+               [--seed S] [--device cpu|cuda] [--threads N]
   moa info --model PATH [--plan PLAN]
 
   --model PATH        a GGUF file or a Hugging Face checkpoint directory
@@ -47,6 +49,7 @@ constexpr char kUsage[] =
   --top-p P           nucleus sampling, in (0, 1] (default 0.9)
   --top-k K           0 = off (default 0)
   --seed S            random seed (default 0)
+  --device D          backend: cpu or cuda, CUDA device 0 (default cpu)
   --threads N         CPU threads (default: all hardware threads)
 )";
 
@@ -182,6 +185,10 @@ int RunGenerate(const Args& args) {
   opts.sampling.seed = static_cast<uint64_t>(seed);
   if (opts.max_tokens < 1) return UsageError("--max-tokens must be at least 1");
   if (threads < 0) return UsageError("--threads must be >= 0");
+  const std::string device = args.values.count("device") ? args.values.at("device") : "cpu";
+  if (!moa::IsKnownDevice(device)) {
+    return UsageError(absl::StrCat("--device must be cpu or cuda, got '", device, "'"));
+  }
   if (absl::Status s = moa::ValidateSamplingParams(opts.sampling); !s.ok()) {
     return UsageError(std::string(s.message()));
   }
@@ -205,6 +212,9 @@ int RunGenerate(const Args& args) {
   const bool chat = args.switches.count("chat") > 0;
   if (!chat && args.values.count("system")) return UsageError("--system needs --chat");
 
+  // The backend first: a missing GPU is reported before a large model is read.
+  absl::StatusOr<std::unique_ptr<moa::Backend>> backend = moa::NewBackend(device, threads);
+  if (!backend.ok()) return Fail(backend.status());
   absl::StatusOr<Loaded> l = Load(args);
   if (!l.ok()) return Fail(l.status());
   if (chat) {
@@ -225,9 +235,8 @@ int RunGenerate(const Args& args) {
       prompt, /*add_bos=*/!chat && l->file.tokenizer.add_bos, /*parse_special=*/chat);
   if (!ids.ok()) return Fail(ids.status());
 
-  std::unique_ptr<moa::Backend> backend = moa::NewCpuBackend(threads);
   absl::StatusOr<std::unique_ptr<moa::LlamaModel>> model =
-      moa::LlamaModel::Create(l->file, backend.get(), l->plan ? &*l->plan : nullptr);
+      moa::LlamaModel::Create(l->file, backend->get(), l->plan ? &*l->plan : nullptr);
   if (!model.ok()) return Fail(model.status());
 
   absl::StatusOr<moa::GenerateResult> r =
@@ -259,7 +268,7 @@ int main(int argc, char** argv) {
   if (cmd == "generate") {
     err = ParseArgs(argc, argv, 2,
                     {"model", "plan", "prompt", "prompt-file", "system", "max-tokens",
-                     "temperature", "top-p", "top-k", "seed", "threads"},
+                     "temperature", "top-p", "top-k", "seed", "device", "threads"},
                     {"chat"}, &args);
   } else if (cmd == "info") {
     err = ParseArgs(argc, argv, 2, {"model", "plan"}, {}, &args);

@@ -11,6 +11,7 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "kernels/backend_factory.h"
 #include "server/flags_env.h"
 #include "server/moa_server.h"
 
@@ -24,6 +25,7 @@ ABSL_FLAG(int32_t, max_queue, 64, "waiting requests; more are refused with RESOU
 ABSL_FLAG(int32_t, step_token_budget, 512, "tokens per engine step (decodes + prefill chunks)");
 ABSL_FLAG(int64_t, kv_cache_bytes, 256LL << 20, "memory of the KV block pool in bytes");
 ABSL_FLAG(int32_t, kv_block_size, 16, "positions per KV block");
+ABSL_FLAG(std::string, device, "cpu", "backend: cpu or cuda (CUDA device 0)");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads; 0 = all hardware threads");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "on SIGTERM, how long in-flight requests may finish before they are cancelled");
@@ -45,6 +47,7 @@ constexpr char kUsage[] = R"(usage: moa-server --model PATH [--plan PLAN] [flags
   --step-token-budget N    tokens per engine step, decodes + prefill chunks (default 512)
   --kv-cache-bytes N       memory of the KV block pool (default 268435456)
   --kv-block-size N        positions per KV block (default 16)
+  --device D               backend: cpu or cuda, CUDA device 0 (default cpu)
   --threads N              CPU threads, 0 = all (default 0)
   --drain-timeout D        on SIGTERM/SIGINT, time in-flight requests get to finish (default 30s)
   --max-receive-bytes N    largest gRPC request (default 4194304)
@@ -55,21 +58,16 @@ Each flag may also be set by the environment variable MOA_<FLAG>, e.g. MOA_MAX_R
 the command line wins.
 )";
 
-const std::vector<std::string> kFlags = {"model",
-                                         "plan",
-                                         "host",
-                                         "port",
-                                         "metrics_port",
-                                         "max_running",
-                                         "max_queue",
-                                         "step_token_budget",
-                                         "kv_cache_bytes",
-                                         "kv_block_size",
-                                         "threads",
-                                         "drain_timeout",
-                                         "max_receive_bytes",
-                                         "max_text_bytes",
-                                         "default_max_tokens"};
+const std::vector<std::string> kFlags = {
+    "model",          "plan",
+    "host",           "port",
+    "metrics_port",   "max_running",
+    "max_queue",      "step_token_budget",
+    "kv_cache_bytes", "kv_block_size",
+    "device",         "threads",
+    "drain_timeout",  "max_receive_bytes",
+    "max_text_bytes", "default_max_tokens",
+};
 
 int UsageError(const std::string& what) {
   std::cerr << "moa-server: " << what << "\n\n" << kUsage;
@@ -99,6 +97,7 @@ int main(int argc, char** argv) {
   o.engine.step_token_budget = absl::GetFlag(FLAGS_step_token_budget);
   o.engine.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
   o.engine.kv_block_size = absl::GetFlag(FLAGS_kv_block_size);
+  o.device = absl::GetFlag(FLAGS_device);
   o.threads = absl::GetFlag(FLAGS_threads);
   o.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
   o.max_receive_bytes = absl::GetFlag(FLAGS_max_receive_bytes);
@@ -115,6 +114,9 @@ int main(int argc, char** argv) {
   if (o.engine.step_token_budget < 1) return UsageError("--step-token-budget must be >= 1");
   if (o.engine.kv_cache_bytes < 1) return UsageError("--kv-cache-bytes must be positive");
   if (o.engine.kv_block_size < 1) return UsageError("--kv-block-size must be positive");
+  if (!moa::IsKnownDevice(o.device)) {
+    return UsageError(absl::StrCat("--device must be cpu or cuda, got '", o.device, "'"));
+  }
   if (o.threads < 0) return UsageError("--threads must be >= 0");
   if (o.drain_timeout < absl::ZeroDuration()) return UsageError("--drain-timeout must be >= 0");
   if (o.max_receive_bytes < 1024) return UsageError("--max-receive-bytes must be >= 1024");
@@ -136,8 +138,8 @@ int main(int argc, char** argv) {
     std::cerr << "moa-server: " << server.status() << "\n";
     return 1;
   }
-  std::cerr << "moa-server: serving " << o.model_path << " on " << o.host << ":"
-            << (*server)->port();
+  std::cerr << "moa-server: serving " << o.model_path << " (device " << o.device << ") on "
+            << o.host << ":" << (*server)->port();
   if ((*server)->metrics_port() > 0) {
     std::cerr << ", metrics on http://" << o.host << ":" << (*server)->metrics_port() << "/metrics";
   }

@@ -21,6 +21,7 @@
 #include "engine/tokenizer/tokenizer.h"
 #include "engine/tokenizer/utf8.h"
 #include "kernels/backend.h"
+#include "kernels/backend_factory.h"
 #include "moa/v1/moa.grpc.pb.h"
 
 namespace moa {
@@ -555,7 +556,9 @@ absl::StatusOr<std::unique_ptr<MoaServer>> MoaServer::Start(const ServerOptions&
   } else {
     m.chat_error = chat.status();
   }
-  m.backend = NewCpuBackend(options.threads);
+  absl::StatusOr<std::unique_ptr<Backend>> backend = NewBackend(options.device, options.threads);
+  if (!backend.ok()) return backend.status();
+  m.backend = *std::move(backend);
   absl::StatusOr<std::unique_ptr<LlamaModel>> llama =
       LlamaModel::Create(m.file, m.backend.get(), m.plan ? &*m.plan : nullptr);
   if (!llama.ok()) return llama.status();

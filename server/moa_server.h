@@ -24,9 +24,10 @@ struct ServerOptions {
   std::string model_path;  // GGUF file or Hugging Face checkpoint directory
   std::string plan_path;   // MoA plan; empty: dense attention
   std::string host = "0.0.0.0";
-  int port = 50051;         // 0 picks a free port (see MoaServer::port)
-  int metrics_port = 9090;  // 0 picks a free port; -1: no /metrics endpoint
-  int threads = 0;          // CPU backend threads; 0 = all hardware threads
+  int port = 50051;            // 0 picks a free port (see MoaServer::port)
+  int metrics_port = 9090;     // 0 picks a free port; -1: no /metrics endpoint
+  std::string device = "cpu";  // backend: "cpu" or "cuda" (kernels/backend_factory.h)
+  int threads = 0;             // CPU backend threads; 0 = all hardware threads
   EngineOptions engine;
   absl::Duration drain_timeout = absl::Seconds(30);
   // gRPC receive limit. Text limits (ValidationLimits::max_text_bytes) sit below it so that

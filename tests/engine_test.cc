@@ -548,9 +548,13 @@ TEST(Engine, CancelWhileQueuedMidPrefillAndMidDecode) {
   {
     std::atomic<int64_t> id{-1};
     int cancel_step = -1;
+    // The engine waits at its first step until the test knows the id: on a loaded machine the
+    // engine could otherwise run the whole prefill before Submit has returned here.
+    absl::Notification id_known;
     {
       absl::MutexLock l(&obs.mu);
       obs.on_step = [&](int step) {
+        id_known.WaitForNotification();
         if (cancel_step < 0 && step >= 3 && id >= 0) {
           cancel_step = step;
           engine->Cancel(id);
@@ -571,6 +575,7 @@ TEST(Engine, CancelWhileQueuedMidPrefillAndMidDecode) {
         });
     ASSERT_TRUE(got.ok());
     id = *got;
+    id_known.Notify();
     const Result r = c.Wait();
     {
       absl::MutexLock l(&obs.mu);

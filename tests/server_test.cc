@@ -518,19 +518,29 @@ TEST_F(TinyServerTest, ReflectionListsTheService) {
 TEST_F(TinyServerTest, DrainLetsShortRequestsFinishAndBalancesStates) {
   // Several streams in flight, then a drain with time enough for them: all finish normally.
   std::vector<std::thread> clients;
-  std::atomic<int> ok{0};
+  std::atomic<int> admitted{0}, ok{0};
   for (int i = 0; i < 6; ++i) {
     clients.emplace_back([&] {
       v1::GenerateRequest r = ValidRequest();
       r.set_max_tokens(60);
       r.set_ignore_eos(true);
-      if (Generate(r).status.ok()) ++ok;
+      grpc::ClientContext ctx;
+      auto reader = stub_->Generate(&ctx, r);
+      v1::GenerateResponse m;
+      // The first message (the request id) comes once the engine has queued the request.
+      if (reader->Read(&m)) ++admitted;
+      while (reader->Read(&m)) {
+      }
+      if (reader->Finish().ok()) ++ok;
     });
   }
-  ASSERT_TRUE(WaitFor([&] { return server_->call_states().created == 6; }));
+  // Drain only once all six are in the engine: a call still on its way in would be refused.
+  ASSERT_TRUE(WaitFor([&] { return admitted.load() == 6; }));
   server_->Drain(absl::Seconds(30));
   for (std::thread& t : clients) t.join();
   EXPECT_EQ(ok.load(), 6);
+  // gRPC releases a call's state just after its client has seen the status.
+  EXPECT_TRUE(WaitFor([&] { return server_->call_states().released == 6; }));
   const CallStateCounts c = server_->call_states();
   EXPECT_EQ(c.created, 6);
   EXPECT_EQ(c.released, 6);

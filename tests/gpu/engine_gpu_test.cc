@@ -1,0 +1,215 @@
+// Continuous batching on the GPU: 16 concurrent greedy requests of mixed prompt lengths (prefill
+// chunks next to decodes) give the same tokens as each request run alone, on the tiny random
+// model and on the default model (dense and with a short-window plan). Runs on the GPU machine
+// only (moa_gpu_tests);
+// files are found under the repository root given by MOA_SOURCE_DIR (default: the current
+// directory).
+#include <algorithm>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
+#include "engine/engine.h"
+#include "engine/llama_model.h"
+#include "engine/moa_plan.h"
+#include "engine/model/model_file.h"
+#include "engine/tokenizer/tokenizer.h"
+#include "gtest/gtest.h"
+#include "kernels/backend.h"
+#include "kernels/cuda/cuda_backend.h"
+
+namespace moa {
+namespace {
+
+std::string SourceDir() {
+  const char* env = std::getenv("MOA_SOURCE_DIR");
+  return env != nullptr && *env != '\0' ? env : ".";
+}
+
+bool FileExists(const std::string& path) { return std::ifstream(path).good(); }
+
+std::string TinyModelPath() { return SourceDir() + "/tests/data/generated/tiny/model-f32.gguf"; }
+std::string DefaultModelPath() { return SourceDir() + "/models/SmolLM2-135M-Instruct.Q4_1.gguf"; }
+
+// The chunks of one request; Wait() returns once the last one arrived.
+class Collector {
+ public:
+  Engine::ChunkCallback Callback() {
+    return [this](const GenerationChunk& c) {
+      absl::MutexLock l(&mu_);
+      tokens_.insert(tokens_.end(), c.tokens.begin(), c.tokens.end());
+      if (c.finish != FinishReason::kNone) {
+        finish_ = c.finish;
+        done_ = true;
+      }
+    };
+  }
+  std::pair<std::vector<int32_t>, FinishReason> Wait() {
+    absl::MutexLock l(&mu_);
+    mu_.Await(absl::Condition(&done_));
+    return {tokens_, finish_};
+  }
+
+ private:
+  absl::Mutex mu_;
+  bool done_ = false;
+  std::vector<int32_t> tokens_;
+  FinishReason finish_ = FinishReason::kNone;
+};
+
+class MaxBatchObserver : public EngineObserver {
+ public:
+  void OnStep(double, int seqs, int) override {
+    absl::MutexLock l(&mu_);
+    max_seqs_ = std::max(max_seqs_, seqs);
+  }
+  int max_seqs() {
+    absl::MutexLock l(&mu_);
+    return max_seqs_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  int max_seqs_ = 0;
+};
+
+// All requests submitted at once, then all awaited. The first request's first chunk holds the
+// engine thread until all are submitted, so all of them run together from the second step.
+std::vector<std::pair<std::vector<int32_t>, FinishReason>> RunAll(
+    Engine& e, const std::vector<GenerationRequest>& reqs) {
+  std::vector<std::unique_ptr<Collector>> cs;
+  absl::Notification all_submitted;
+  for (const GenerationRequest& r : reqs) {
+    cs.push_back(std::make_unique<Collector>());
+    Engine::ChunkCallback cb = cs.back()->Callback();
+    if (cs.size() == 1) {
+      cb = [cb, &all_submitted](const GenerationChunk& c) {
+        all_submitted.WaitForNotification();
+        cb(c);
+      };
+    }
+    absl::StatusOr<int64_t> id = e.Submit(r, cb);
+    EXPECT_TRUE(id.ok()) << id.status();
+  }
+  all_submitted.Notify();
+  std::vector<std::pair<std::vector<int32_t>, FinishReason>> out;
+  for (auto& c : cs) out.push_back(c->Wait());
+  return out;
+}
+
+// 16 greedy requests with prompts of 1 to 90 random tokens, alone and then all at once.
+void ExpectBatchInvariance(LlamaModel* model, const Tokenizer* tok, int32_t max_tokens,
+                           EngineOptions o) {
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int32_t> token(0, tok->vocab_size() - 1);
+  std::vector<GenerationRequest> reqs;
+  for (int i = 0; i < 16; ++i) {
+    GenerationRequest r;
+    r.prompt.resize(1 + (i * 37) % 90);
+    for (int32_t& t : r.prompt) t = token(rng);
+    r.max_tokens = max_tokens;
+    reqs.push_back(std::move(r));
+  }
+  std::vector<std::pair<std::vector<int32_t>, FinishReason>> alone;
+  {
+    absl::StatusOr<std::unique_ptr<Engine>> e = Engine::Create(model, tok, o, nullptr);
+    ASSERT_TRUE(e.ok()) << e.status();
+    for (const GenerationRequest& r : reqs) alone.push_back(RunAll(**e, {r})[0]);
+    EXPECT_TRUE((*e)->CheckIdle().ok()) << (*e)->CheckIdle();
+  }
+  MaxBatchObserver obs;
+  absl::StatusOr<std::unique_ptr<Engine>> e = Engine::Create(model, tok, o, &obs);
+  ASSERT_TRUE(e.ok()) << e.status();
+  const auto batched = RunAll(**e, reqs);
+  EXPECT_EQ(obs.max_seqs(), 16) << "the requests never ran together";
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ(batched[i].first, alone[i].first)
+        << "request " << i << " (prompt of " << reqs[i].prompt.size() << " tokens)";
+    EXPECT_EQ(batched[i].second, alone[i].second) << "request " << i;
+    EXPECT_FALSE(alone[i].first.empty()) << "request " << i;
+  }
+  EXPECT_TRUE((*e)->CheckIdle().ok()) << (*e)->CheckIdle();
+}
+
+struct Loaded {
+  ModelFile file;
+  std::unique_ptr<Tokenizer> tok;
+};
+
+absl::StatusOr<Loaded> Load(const std::string& path) {
+  absl::StatusOr<ModelFile> file = LoadModel(path);
+  if (!file.ok()) return file.status();
+  absl::StatusOr<std::unique_ptr<Tokenizer>> tok = Tokenizer::Create(file->tokenizer);
+  if (!tok.ok()) return tok.status();
+  return Loaded{*std::move(file), *std::move(tok)};
+}
+
+class EngineGpuTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<std::unique_ptr<Backend>> gpu = NewCudaBackend(0);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    gpu_ = *std::move(gpu);
+  }
+  std::unique_ptr<Backend> gpu_;
+};
+
+TEST_F(EngineGpuTest, TinyModelBatchOf16EqualsEachAlone) {
+  const std::string path = TinyModelPath();
+  ASSERT_TRUE(FileExists(path)) << path << " is missing: set MOA_SOURCE_DIR to the repository "
+                                << "root and carry tests/data/generated/tiny (generated by "
+                                << ".venv/bin/python tests/tools/make_tiny_model.py)";
+  absl::StatusOr<Loaded> l = Load(path);
+  ASSERT_TRUE(l.ok()) << l.status();
+  absl::StatusOr<std::unique_ptr<LlamaModel>> model =
+      LlamaModel::Create(l->file, gpu_.get(), nullptr);
+  ASSERT_TRUE(model.ok()) << model.status();
+  EngineOptions o;
+  o.kv_cache_bytes = 16LL << 20;
+  o.step_token_budget = 64;  // the longer prompts are prefilled in chunks next to decodes
+  o.kv_block_size = 4;
+  // The tiny model's context is 128 tokens: prompts of up to 90 leave room for 24.
+  ExpectBatchInvariance(model->get(), l->tok.get(), 24, o);
+}
+
+TEST_F(EngineGpuTest, DefaultModelBatchOf16EqualsEachAloneDenseAndWithPlan) {
+  const std::string path = DefaultModelPath();
+  if (!FileExists(path)) GTEST_SKIP() << "default model absent: " << path;
+  absl::StatusOr<Loaded> l = Load(path);
+  ASSERT_TRUE(l.ok()) << l.status();
+  EngineOptions o;
+  o.kv_cache_bytes = 64LL << 20;
+  o.step_token_budget = 64;
+  {
+    absl::StatusOr<std::unique_ptr<LlamaModel>> model =
+        LlamaModel::Create(l->file, gpu_.get(), nullptr);
+    ASSERT_TRUE(model.ok()) << model.status();
+    ExpectBatchInvariance(model->get(), l->tok.get(), 16, o);
+  }
+  // Short windows on two of every three KV heads: sink 16, windows of 32 or 48 tokens, so the
+  // longer sequences slide past their windows during the test.
+  std::string rules;
+  for (int layer = 0; layer < l->file.config.n_layers; ++layer) {
+    absl::StrAppend(&rules, layer ? "," : "",
+                    R"([{"alpha": 32, "beta": 0}, {"dense": true}, {"alpha": 16, "beta": 0.5}])");
+  }
+  absl::StatusOr<MoaPlan> plan = MoaPlan::FromJson(absl::StrCat(
+      R"({"format": "moa-plan", "version": 1, "sink": 16, "block_size": 16,
+          "model": {"name": "SmolLM2", "n_heads": 9, "n_kv_heads": 3}, "rules": [)",
+      rules, "]}"));
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  absl::StatusOr<std::unique_ptr<LlamaModel>> model =
+      LlamaModel::Create(l->file, gpu_.get(), &*plan);
+  ASSERT_TRUE(model.ok()) << model.status();
+  ExpectBatchInvariance(model->get(), l->tok.get(), 16, o);
+}
+
+}  // namespace
+}  // namespace moa
