@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "kernels/backend.h"
+#include "kernels/backend_checks.h"
 #include "kernels/cpu/dot.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/quant.h"
@@ -138,14 +139,6 @@ absl::StatusOr<CpuTensor*> AsActivation(Tensor& t, absl::string_view what) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": not a CPU activation"));
   }
   return c;
-}
-
-absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, absl::string_view what) {
-  if (t.rows() != rows || t.cols() != cols) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " is [", t.rows(), ", ", t.cols(),
-                                                   "], expected [", rows, ", ", cols, "]"));
-  }
-  return absl::OkStatus();
 }
 
 #define MOA_ASSIGN_OR_RETURN_IMPL(var, expr, tmp) \
@@ -491,30 +484,11 @@ absl::Status CpuBackend::Attention(const Tensor& q, const Tensor& k, const Tenso
   ASSIGN_OR_RETURN(CpuTensor * oc, AsActivation(out, "Attention output"));
   auto* kv = dynamic_cast<CpuKvPool*>(&pool);
   if (kv == nullptr) return absl::InvalidArgumentError("Attention: not a CPU KV pool");
-  if (p.n_heads <= 0 || p.n_kv_heads <= 0 || p.head_dim <= 0 || p.n_heads % p.n_kv_heads != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "Attention: ", p.n_heads, " heads, ", p.n_kv_heads, " kv heads, head_dim ", p.head_dim));
-  }
-  if (kv->head_dim() != p.head_dim) {
-    return absl::InvalidArgumentError(absl::StrCat("Attention: KV pool of head_dim ",
-                                                   kv->head_dim(), " for head_dim ", p.head_dim));
-  }
-  if (!p.rules.empty() && static_cast<int>(p.rules.size()) != p.n_kv_heads) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("Attention: ", p.rules.size(), " span rules for ", p.n_kv_heads, " kv heads"));
-  }
-  if (p.span.sink < 0 || p.span.block <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("Attention: span sink ", p.span.sink, ", block ", p.span.block));
-  }
+  RETURN_IF_ERROR(CheckAttentionArgs(*qc, *kc, *vc, *oc, p, kv->head_dim()));
   const int hd = p.head_dim;
   const int64_t q_cols = int64_t{p.n_heads} * hd;
   const int64_t kv_cols = int64_t{p.n_kv_heads} * hd;
   const int64_t rows = qc->rows();
-  RETURN_IF_ERROR(CheckShape(*kc, rows, kv_cols, "Attention k"));
-  RETURN_IF_ERROR(CheckShape(*vc, rows, kv_cols, "Attention v"));
-  RETURN_IF_ERROR(CheckShape(*qc, rows, q_cols, "Attention q"));
-  RETURN_IF_ERROR(CheckShape(*oc, rows, q_cols, "Attention output"));
   const int64_t bs = kv->block_size();
   const int32_t num_blocks = kv->num_blocks();
   // Physical block of position `pos` of one head's table, or -1 if the table has none.

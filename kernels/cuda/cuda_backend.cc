@@ -17,6 +17,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "kernels/backend_checks.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/dequantize.h"
 #include "kernels/quant.h"
@@ -156,14 +157,6 @@ absl::StatusOr<CudaTensor*> AsActivation(Tensor& t, absl::string_view what) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": not a CUDA activation"));
   }
   return c;
-}
-
-absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, absl::string_view what) {
-  if (t.rows() != rows || t.cols() != cols) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " is [", t.rows(), ", ", t.cols(),
-                                                   "], expected [", rows, ", ", cols, "]"));
-  }
-  return absl::OkStatus();
 }
 
 // Per-call host data (positions, block tables ...) copied to a reused device buffer.
@@ -481,30 +474,9 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
   ASSIGN_OR_RETURN(CudaTensor * oc, AsActivation(out, "Attention output"));
   auto* kv = dynamic_cast<CudaKvPool*>(&pool);
   if (kv == nullptr) return absl::InvalidArgumentError("Attention: not a CUDA KV pool");
-  if (p.n_heads <= 0 || p.n_kv_heads <= 0 || p.head_dim <= 0 || p.n_heads % p.n_kv_heads != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "Attention: ", p.n_heads, " heads, ", p.n_kv_heads, " kv heads, head_dim ", p.head_dim));
-  }
-  if (kv->head_dim() != p.head_dim) {
-    return absl::InvalidArgumentError(absl::StrCat("Attention: KV pool of head_dim ",
-                                                   kv->head_dim(), " for head_dim ", p.head_dim));
-  }
-  if (!p.rules.empty() && static_cast<int>(p.rules.size()) != p.n_kv_heads) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("Attention: ", p.rules.size(), " span rules for ", p.n_kv_heads, " kv heads"));
-  }
-  if (p.span.sink < 0 || p.span.block <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("Attention: span sink ", p.span.sink, ", block ", p.span.block));
-  }
+  RETURN_IF_ERROR(CheckAttentionArgs(*qc, *kc, *vc, *oc, p, kv->head_dim()));
   const int hd = p.head_dim;
-  const int64_t q_cols = int64_t{p.n_heads} * hd;
-  const int64_t kv_cols = int64_t{p.n_kv_heads} * hd;
   const int64_t rows = qc->rows();
-  RETURN_IF_ERROR(CheckShape(*kc, rows, kv_cols, "Attention k"));
-  RETURN_IF_ERROR(CheckShape(*vc, rows, kv_cols, "Attention v"));
-  RETURN_IF_ERROR(CheckShape(*qc, rows, q_cols, "Attention q"));
-  RETURN_IF_ERROR(CheckShape(*oc, rows, q_cols, "Attention output"));
   // Limits of this kernel, not of the interface.
   const int group = p.n_heads / p.n_kv_heads;
   if (hd > 256) {

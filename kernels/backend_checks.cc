@@ -1,0 +1,42 @@
+#include "kernels/backend_checks.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace moa {
+
+absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, absl::string_view what) {
+  if (t.rows() != rows || t.cols() != cols) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " is [", t.rows(), ", ", t.cols(),
+                                                   "], expected [", rows, ", ", cols, "]"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckAttentionArgs(const Tensor& q, const Tensor& k, const Tensor& v,
+                                const Tensor& out, const AttentionParams& p, int pool_head_dim) {
+  if (p.n_heads <= 0 || p.n_kv_heads <= 0 || p.head_dim <= 0 || p.n_heads % p.n_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Attention: ", p.n_heads, " heads, ", p.n_kv_heads, " kv heads, head_dim ", p.head_dim));
+  }
+  if (pool_head_dim != p.head_dim) {
+    return absl::InvalidArgumentError(absl::StrCat("Attention: KV pool of head_dim ", pool_head_dim,
+                                                   " for head_dim ", p.head_dim));
+  }
+  if (!p.rules.empty() && static_cast<int>(p.rules.size()) != p.n_kv_heads) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Attention: ", p.rules.size(), " span rules for ", p.n_kv_heads, " kv heads"));
+  }
+  if (p.span.sink < 0 || p.span.block <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Attention: span sink ", p.span.sink, ", block ", p.span.block));
+  }
+  const int64_t rows = q.rows();
+  const int64_t q_cols = int64_t{p.n_heads} * p.head_dim;
+  const int64_t kv_cols = int64_t{p.n_kv_heads} * p.head_dim;
+  if (absl::Status s = CheckShape(k, rows, kv_cols, "Attention k"); !s.ok()) return s;
+  if (absl::Status s = CheckShape(v, rows, kv_cols, "Attention v"); !s.ok()) return s;
+  if (absl::Status s = CheckShape(q, rows, q_cols, "Attention q"); !s.ok()) return s;
+  return CheckShape(out, rows, q_cols, "Attention output");
+}
+
+}  // namespace moa
