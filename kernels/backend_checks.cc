@@ -1,8 +1,44 @@
 #include "kernels/backend_checks.h"
 
+#include <limits>
+
 #include "absl/strings/str_cat.h"
 
 namespace moa {
+
+absl::StatusOr<WeightLayout> CheckWeight(const HostTensor& t) {
+  if (t.shape.empty() || t.shape.size() > 4) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("weight ", t.name, ": rank ", t.shape.size(), " is not 1..4"));
+  }
+  WeightLayout w;
+  w.rows = 1;
+  for (size_t i = 0; i + 1 < t.shape.size(); ++i) {
+    if (t.shape[i] <= 0 || w.rows > std::numeric_limits<int64_t>::max() / t.shape[i]) {
+      return absl::InvalidArgumentError(absl::StrCat("weight ", t.name, ": bad shape"));
+    }
+    w.rows *= t.shape[i];
+  }
+  w.cols = t.shape.back();
+  if (w.cols <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("weight ", t.name, ": ", w.cols, " columns"));
+  }
+  absl::StatusOr<int64_t> row_bytes = RowBytes(t.dtype, w.cols);
+  if (!row_bytes.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("weight ", t.name, ": ", row_bytes.status().message()));
+  }
+  w.row_bytes = *row_bytes;
+  if (w.row_bytes > 0 && w.rows > t.nbytes / w.row_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("weight ", t.name, ": ", t.nbytes,
+                                                   " bytes cannot hold ", w.rows, " rows of ",
+                                                   w.row_bytes));
+  }
+  if (t.data == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("weight ", t.name, ": no data"));
+  }
+  return w;
+}
 
 absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, absl::string_view what) {
   if (t.rows() != rows || t.cols() != cols) {

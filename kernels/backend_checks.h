@@ -5,10 +5,21 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "kernels/backend.h"
 
 namespace moa {
+
+// A weight as a backend stores it: rows of `cols` elements of t.dtype, `row_bytes` bytes each.
+struct WeightLayout {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t row_bytes = 0;
+};
+// Checks that `t` is a weight a backend can load (rank 1..4, positive sizes, whole blocks, enough
+// bytes, data present) and flattens it: the last dimension is the row, the others multiply.
+absl::StatusOr<WeightLayout> CheckWeight(const HostTensor& t);
 
 // INVALID_ARGUMENT "<what> is [r, c], expected [rows, cols]" unless t has that shape.
 absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, absl::string_view what);

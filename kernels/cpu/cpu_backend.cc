@@ -163,37 +163,14 @@ class CpuBackend : public Backend {
   std::string_view name() const override { return "cpu"; }
 
   absl::StatusOr<std::unique_ptr<Tensor>> LoadWeight(const HostTensor& t) override {
-    if (t.shape.empty() || t.shape.size() > 4) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("weight ", t.name, ": rank ", t.shape.size(), " is not 1..4"));
-    }
-    int64_t rows = 1;
-    for (size_t i = 0; i + 1 < t.shape.size(); ++i) {
-      if (t.shape[i] <= 0 || rows > std::numeric_limits<int64_t>::max() / t.shape[i]) {
-        return absl::InvalidArgumentError(absl::StrCat("weight ", t.name, ": bad shape"));
-      }
-      rows *= t.shape[i];
-    }
-    const int64_t cols = t.shape.back();
-    if (cols <= 0) {
-      return absl::InvalidArgumentError(absl::StrCat("weight ", t.name, ": ", cols, " columns"));
-    }
-    auto row_bytes = RowBytes(t.dtype, cols);
-    if (!row_bytes.ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("weight ", t.name, ": ", row_bytes.status().message()));
-    }
-    if (*row_bytes > 0 && rows > t.nbytes / *row_bytes) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "weight ", t.name, ": ", t.nbytes, " bytes cannot hold ", rows, " rows of ", *row_bytes));
-    }
-    if (t.data == nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat("weight ", t.name, ": no data"));
-    }
+    ASSIGN_OR_RETURN(const WeightLayout w, CheckWeight(t));
+    const int64_t rows = w.rows;
+    const int64_t cols = w.cols;
+    const int64_t row_bytes = w.row_bytes;
     std::shared_ptr<const void> owner = t.owner;
     const uint8_t* data = t.data;
     if (owner == nullptr) {  // nothing keeps the bytes alive: take a copy
-      const int64_t n = rows * *row_bytes;
+      const int64_t n = rows * row_bytes;
       if (n > kMaxAllocBytes) {
         return absl::ResourceExhaustedError(absl::StrCat("weight ", t.name, " is too large"));
       }
@@ -205,7 +182,7 @@ class CpuBackend : public Backend {
       data = copy.get();
       owner = std::move(copy);
     }
-    return CpuTensor::Weight(rows, cols, t.dtype, *row_bytes, data, std::move(owner));
+    return CpuTensor::Weight(rows, cols, t.dtype, row_bytes, data, std::move(owner));
   }
 
   absl::StatusOr<std::unique_ptr<Tensor>> NewActivation(int64_t rows, int64_t cols) override {

@@ -233,35 +233,12 @@ class CudaBackend : public Backend {
 };
 
 absl::StatusOr<std::unique_ptr<Tensor>> CudaBackend::LoadWeight(const HostTensor& t) {
-  if (t.shape.empty() || t.shape.size() > 4) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("weight ", t.name, ": rank ", t.shape.size(), " is not 1..4"));
-  }
-  int64_t rows = 1;
-  for (size_t i = 0; i + 1 < t.shape.size(); ++i) {
-    if (t.shape[i] <= 0 || rows > std::numeric_limits<int64_t>::max() / t.shape[i]) {
-      return absl::InvalidArgumentError(absl::StrCat("weight ", t.name, ": bad shape"));
-    }
-    rows *= t.shape[i];
-  }
-  const int64_t cols = t.shape.back();
-  if (cols <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("weight ", t.name, ": ", cols, " columns"));
-  }
-  auto row_bytes = RowBytes(t.dtype, cols);
-  if (!row_bytes.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("weight ", t.name, ": ", row_bytes.status().message()));
-  }
-  if (*row_bytes > 0 && rows > t.nbytes / *row_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "weight ", t.name, ": ", t.nbytes, " bytes cannot hold ", rows, " rows of ", *row_bytes));
-  }
-  if (t.data == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat("weight ", t.name, ": no data"));
-  }
+  ASSIGN_OR_RETURN(const WeightLayout w, CheckWeight(t));
+  const int64_t rows = w.rows;
+  const int64_t cols = w.cols;
+  const int64_t row_bytes = w.row_bytes;
   const std::string what = absl::StrCat("weight ", t.name);
-  if (rows > kMaxAllocBytes / 2 / cols || rows * *row_bytes > kMaxAllocBytes) {
+  if (rows > kMaxAllocBytes / 2 / cols || rows * row_bytes > kMaxAllocBytes) {
     return absl::ResourceExhaustedError(absl::StrCat(what, " is too large"));
   }
   if (rows == 1) {
@@ -276,7 +253,7 @@ absl::StatusOr<std::unique_ptr<Tensor>> CudaBackend::LoadWeight(const HostTensor
     return std::make_unique<CudaTensor>(rows, cols, CudaTensor::Kind::kFloatWeight, std::move(buf));
   }
   // Stored bytes to the device, decoded there to fp16.
-  const int64_t src_bytes = rows * *row_bytes;
+  const int64_t src_bytes = rows * row_bytes;
   ASSIGN_OR_RETURN(auto src, DeviceBuffer::Create(src_bytes, what));
   RETURN_IF_ERROR(CudaError(
       cudaMemcpyAsync(src->get(), t.data, src_bytes, cudaMemcpyHostToDevice, stream_), what));
