@@ -9,16 +9,10 @@
 #include "absl/strings/str_cat.h"
 #include "engine/moa_plan.h"
 #include "engine/rope.h"
+#include "kernels/status_macros.h"
 
 namespace moa {
 namespace {
-
-#define MOA_RETURN_IF_ERROR(expr)             \
-  do {                                        \
-    if (absl::Status s_ = (expr); !s_.ok()) { \
-      return s_;                              \
-    }                                         \
-  } while (0)
 
 bool SameRule(const SpanRule& a, const SpanRule& b) {
   return a.dense == b.dense && (a.dense || (a.alpha == b.alpha && a.beta == b.beta));
@@ -48,15 +42,15 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const ModelFile& 
                                                                const MoaPlan* plan) {
   if (backend == nullptr) return absl::InvalidArgumentError("LlamaModel: no backend");
   const ModelConfig& c = file.config;
-  MOA_RETURN_IF_ERROR(ValidateConfig(c));
-  MOA_RETURN_IF_ERROR(ValidateTensors(file));
+  RETURN_IF_ERROR(ValidateConfig(c));
+  RETURN_IF_ERROR(ValidateTensors(file));
   std::unique_ptr<LlamaModel> m(new LlamaModel());
   m->config_ = c;
   m->impl_ = std::make_unique<Impl>();
   Impl& im = *m->impl_;
   im.backend = backend;
   if (plan != nullptr) {
-    MOA_RETURN_IF_ERROR(plan->CheckFits(c));
+    RETURN_IF_ERROR(plan->CheckFits(c));
     im.span = plan->params();
     for (int l = 0; l < c.n_layers; ++l) im.rules.push_back(plan->layer_rules(l));
   }
@@ -72,22 +66,22 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const ModelFile& 
     *dst = *std::move(t);
     return absl::OkStatus();
   };
-  MOA_RETURN_IF_ERROR(load("token_embd.weight", &im.token_embd));
-  MOA_RETURN_IF_ERROR(load("output_norm.weight", &im.output_norm));
-  if (!c.tied_embeddings) MOA_RETURN_IF_ERROR(load("output.weight", &im.output));
+  RETURN_IF_ERROR(load("token_embd.weight", &im.token_embd));
+  RETURN_IF_ERROR(load("output_norm.weight", &im.output_norm));
+  if (!c.tied_embeddings) RETURN_IF_ERROR(load("output.weight", &im.output));
   im.layers.resize(c.n_layers);
   for (int l = 0; l < c.n_layers; ++l) {
     const std::string p = absl::StrCat("blk.", l, ".");
     Impl::Layer& L = im.layers[l];
-    MOA_RETURN_IF_ERROR(load(p + "attn_norm.weight", &L.attn_norm));
-    MOA_RETURN_IF_ERROR(load(p + "attn_q.weight", &L.q));
-    MOA_RETURN_IF_ERROR(load(p + "attn_k.weight", &L.k));
-    MOA_RETURN_IF_ERROR(load(p + "attn_v.weight", &L.v));
-    MOA_RETURN_IF_ERROR(load(p + "attn_output.weight", &L.o));
-    MOA_RETURN_IF_ERROR(load(p + "ffn_norm.weight", &L.ffn_norm));
-    MOA_RETURN_IF_ERROR(load(p + "ffn_gate.weight", &L.gate));
-    MOA_RETURN_IF_ERROR(load(p + "ffn_up.weight", &L.up));
-    MOA_RETURN_IF_ERROR(load(p + "ffn_down.weight", &L.down));
+    RETURN_IF_ERROR(load(p + "attn_norm.weight", &L.attn_norm));
+    RETURN_IF_ERROR(load(p + "attn_q.weight", &L.q));
+    RETURN_IF_ERROR(load(p + "attn_k.weight", &L.k));
+    RETURN_IF_ERROR(load(p + "attn_v.weight", &L.v));
+    RETURN_IF_ERROR(load(p + "attn_output.weight", &L.o));
+    RETURN_IF_ERROR(load(p + "ffn_norm.weight", &L.ffn_norm));
+    RETURN_IF_ERROR(load(p + "ffn_gate.weight", &L.gate));
+    RETURN_IF_ERROR(load(p + "ffn_up.weight", &L.up));
+    RETURN_IF_ERROR(load(p + "ffn_down.weight", &L.down));
   }
   return m;
 }
@@ -145,7 +139,7 @@ absl::Status LlamaModel::Forward(absl::Span<const ForwardInput> batch, const KvC
   const ModelConfig& c = config_;
   Impl& im = *impl_;
   Backend& be = *im.backend;
-  MOA_RETURN_IF_ERROR(CheckKvLayout(kv.layout()));
+  RETURN_IF_ERROR(CheckKvLayout(kv.layout()));
   if (pool.block_size() != kv.layout().block_size || pool.head_dim() != c.head_dim ||
       pool.num_blocks() < kv.total_blocks()) {
     return absl::InvalidArgumentError(
@@ -217,7 +211,7 @@ absl::Status LlamaModel::Forward(absl::Span<const ForwardInput> batch, const KvC
     slices[s].block_tables = absl::MakeConstSpan(tables).subspan(s * c.n_kv_heads, c.n_kv_heads);
   }
 
-  MOA_RETURN_IF_ERROR(be.Embed(*im.token_embd, tokens, *x));
+  RETURN_IF_ERROR(be.Embed(*im.token_embd, tokens, *x));
   AttentionParams ap;
   ap.n_heads = c.n_heads;
   ap.n_kv_heads = c.n_kv_heads;
@@ -226,13 +220,12 @@ absl::Status LlamaModel::Forward(absl::Span<const ForwardInput> batch, const KvC
   ap.span = im.span;
   for (int l = 0; l < c.n_layers; ++l) {
     const Impl::Layer& L = im.layers[l];
-    MOA_RETURN_IF_ERROR(be.RmsNorm(*x, *L.attn_norm, c.rms_eps, *xn));
-    MOA_RETURN_IF_ERROR(be.MatMul(*xn, *L.q, *q));
-    MOA_RETURN_IF_ERROR(be.MatMul(*xn, *L.k, *k));
-    MOA_RETURN_IF_ERROR(be.MatMul(*xn, *L.v, *v));
-    MOA_RETURN_IF_ERROR(be.Rope(*q, c.n_heads, c.head_dim, im.inv_freq, positions, c.rope_layout));
-    MOA_RETURN_IF_ERROR(
-        be.Rope(*k, c.n_kv_heads, c.head_dim, im.inv_freq, positions, c.rope_layout));
+    RETURN_IF_ERROR(be.RmsNorm(*x, *L.attn_norm, c.rms_eps, *xn));
+    RETURN_IF_ERROR(be.MatMul(*xn, *L.q, *q));
+    RETURN_IF_ERROR(be.MatMul(*xn, *L.k, *k));
+    RETURN_IF_ERROR(be.MatMul(*xn, *L.v, *v));
+    RETURN_IF_ERROR(be.Rope(*q, c.n_heads, c.head_dim, im.inv_freq, positions, c.rope_layout));
+    RETURN_IF_ERROR(be.Rope(*k, c.n_kv_heads, c.head_dim, im.inv_freq, positions, c.rope_layout));
     ap.layer = l;
     for (size_t s = 0; s < n_seqs; ++s) {
       for (int h = 0; h < c.n_kv_heads; ++h) {
@@ -240,15 +233,15 @@ absl::Status LlamaModel::Forward(absl::Span<const ForwardInput> batch, const KvC
       }
     }
     ap.rules = im.rules.empty() ? absl::Span<const SpanRule>() : im.rules[l];
-    MOA_RETURN_IF_ERROR(be.Attention(*q, *k, *v, slices, ap, pool, *attn));
-    MOA_RETURN_IF_ERROR(be.MatMul(*attn, *L.o, *proj));
-    MOA_RETURN_IF_ERROR(be.Add(*x, *proj));
-    MOA_RETURN_IF_ERROR(be.RmsNorm(*x, *L.ffn_norm, c.rms_eps, *xn));
-    MOA_RETURN_IF_ERROR(be.MatMul(*xn, *L.gate, *gate));
-    MOA_RETURN_IF_ERROR(be.MatMul(*xn, *L.up, *up));
-    MOA_RETURN_IF_ERROR(be.SwiGlu(*gate, *up, *act));
-    MOA_RETURN_IF_ERROR(be.MatMul(*act, *L.down, *proj));
-    MOA_RETURN_IF_ERROR(be.Add(*x, *proj));
+    RETURN_IF_ERROR(be.Attention(*q, *k, *v, slices, ap, pool, *attn));
+    RETURN_IF_ERROR(be.MatMul(*attn, *L.o, *proj));
+    RETURN_IF_ERROR(be.Add(*x, *proj));
+    RETURN_IF_ERROR(be.RmsNorm(*x, *L.ffn_norm, c.rms_eps, *xn));
+    RETURN_IF_ERROR(be.MatMul(*xn, *L.gate, *gate));
+    RETURN_IF_ERROR(be.MatMul(*xn, *L.up, *up));
+    RETURN_IF_ERROR(be.SwiGlu(*gate, *up, *act));
+    RETURN_IF_ERROR(be.MatMul(*act, *L.down, *proj));
+    RETURN_IF_ERROR(be.Add(*x, *proj));
   }
 
   // Only the wanted rows go through the final norm and the (large) vocabulary projection.
@@ -256,7 +249,7 @@ absl::Status LlamaModel::Forward(absl::Span<const ForwardInput> batch, const KvC
   std::unique_ptr<Tensor> last = std::move(x);
   if (n_out != rows) {
     std::vector<float> all(rows * d);
-    MOA_RETURN_IF_ERROR(be.CopyToHost(*last, absl::MakeSpan(all)));
+    RETURN_IF_ERROR(be.CopyToHost(*last, absl::MakeSpan(all)));
     std::vector<float> picked(n_out * d);
     for (int64_t i = 0; i < n_out; ++i) {
       std::copy_n(all.begin() + wanted_rows[i] * d, d, picked.begin() + i * d);
@@ -264,14 +257,14 @@ absl::Status LlamaModel::Forward(absl::Span<const ForwardInput> batch, const KvC
     absl::StatusOr<std::unique_ptr<Tensor>> t = be.NewActivation(n_out, d);
     if (!t.ok()) return t.status();
     last = *std::move(t);
-    MOA_RETURN_IF_ERROR(be.CopyFromHost(picked, *last));
+    RETURN_IF_ERROR(be.CopyFromHost(picked, *last));
   }
   absl::StatusOr<std::unique_ptr<Tensor>> normed = be.NewActivation(n_out, d);
   if (!normed.ok()) return normed.status();
   absl::StatusOr<std::unique_ptr<Tensor>> out = be.NewActivation(n_out, c.vocab_size);
   if (!out.ok()) return out.status();
-  MOA_RETURN_IF_ERROR(be.RmsNorm(*last, *im.output_norm, c.rms_eps, **normed));
-  MOA_RETURN_IF_ERROR(be.MatMul(**normed, im.logits_weight(), **out));
+  RETURN_IF_ERROR(be.RmsNorm(*last, *im.output_norm, c.rms_eps, **normed));
+  RETURN_IF_ERROR(be.MatMul(**normed, im.logits_weight(), **out));
   const size_t old = logits->size();
   logits->resize(old + n_out * c.vocab_size);
   return be.CopyToHost(**out, absl::MakeSpan(logits->data() + old, n_out * c.vocab_size));

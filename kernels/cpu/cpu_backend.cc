@@ -19,6 +19,7 @@
 #include "kernels/cpu/dot.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/quant.h"
+#include "kernels/status_macros.h"
 
 namespace moa {
 namespace {
@@ -140,21 +141,6 @@ absl::StatusOr<CpuTensor*> AsActivation(Tensor& t, absl::string_view what) {
   }
   return c;
 }
-
-#define MOA_ASSIGN_OR_RETURN_IMPL(var, expr, tmp) \
-  auto tmp = (expr);                              \
-  if (!tmp.ok()) return tmp.status();             \
-  var = *std::move(tmp)
-#define MOA_CONCAT_INNER(a, b) a##b
-#define MOA_CONCAT(a, b) MOA_CONCAT_INNER(a, b)
-#define ASSIGN_OR_RETURN(var, expr) \
-  MOA_ASSIGN_OR_RETURN_IMPL(var, expr, MOA_CONCAT(status_or_, __LINE__))
-#define RETURN_IF_ERROR(expr)                 \
-  do {                                        \
-    if (absl::Status s_ = (expr); !s_.ok()) { \
-      return s_;                              \
-    }                                         \
-  } while (0)
 
 class CpuBackend : public Backend {
  public:

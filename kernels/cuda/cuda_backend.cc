@@ -21,6 +21,7 @@
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/dequantize.h"
 #include "kernels/quant.h"
+#include "kernels/status_macros.h"
 
 namespace moa {
 namespace {
@@ -39,21 +40,6 @@ absl::Status CublasError(cublasStatus_t e, absl::string_view what) {
   return absl::InternalError(absl::StrCat("cuBLAS: ", what, ": ", cublasGetStatusName(e), " (",
                                           cublasGetStatusString(e), ")"));
 }
-
-#define MOA_ASSIGN_OR_RETURN_IMPL(var, expr, tmp) \
-  auto tmp = (expr);                              \
-  if (!tmp.ok()) return tmp.status();             \
-  var = *std::move(tmp)
-#define MOA_CONCAT_INNER(a, b) a##b
-#define MOA_CONCAT(a, b) MOA_CONCAT_INNER(a, b)
-#define ASSIGN_OR_RETURN(var, expr) \
-  MOA_ASSIGN_OR_RETURN_IMPL(var, expr, MOA_CONCAT(status_or_, __LINE__))
-#define RETURN_IF_ERROR(expr)                 \
-  do {                                        \
-    if (absl::Status s_ = (expr); !s_.ok()) { \
-      return s_;                              \
-    }                                         \
-  } while (0)
 
 // Device memory owned by one object.
 class DeviceBuffer {
