@@ -1,10 +1,15 @@
 // Decode-attention bandwidth on the GPU (issue 4, item 7a): measures the device's copy bandwidth
 // (cudaMemcpy device to device, bytes read + written), then the split-KV decode kernel
-// (kernels/cuda/decode_attention.cu) and, for comparison, the backend's one-block-per-(row, head)
-// kernel, over a paged fp32 pool with random block placement, for Llama-2-7B-like (32 query / 32
-// KV heads) and Llama-3-8B-like (32 / 8) layers, head_dim 128, one layer. Prints the KV bytes
-// read per step over the time as a fraction of the copy bandwidth. Runs on the GPU machine only.
-// Usage: moa_gpu_bench [--quick]   (--quick: batch 1 and 8, 4k and 8k only)
+// (kernels/cuda/decode_attention.cu) in both its variants (CUDA cores: the first kernel; tensor
+// cores: mma.sync tiles) and, with --general, the backend's general one-block-per-(row, KV head)
+// kernel, over a paged fp16 pool of random values with random block placement, for
+// Llama-2-7B-like (32 query / 32 KV heads) and Llama-3-8B-like (32 / 8) layers, head_dim 128, one
+// layer. Prints one row per (shape, batch, KV length, plan): the K and V bytes of the visible keys
+// over the time, as a fraction of the copy bandwidth, for each variant, and whether the variants'
+// outputs agree; then summaries, a sweep of the tensor kernel's pipeline depth, and a sweep of the
+// minimum keys per block at batch 1. Runs on the GPU machine only.
+// Usage: moa_gpu_bench [--quick] [--general]   (--quick: batch 1 and 8, 4k and 8k only)
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -19,11 +24,14 @@
 
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/decode_attention.h"
+#include "kernels/cuda/prefill_attention.h"
 
 namespace {
 
-using moa::cuda::DeviceAttention;
+using moa::cuda::DecodeAttentionVariant;
 using moa::cuda::DevicePool;
+using moa::cuda::DeviceSpanRule;
+using moa::cuda::PrefillAttentionArgs;
 
 constexpr int kHeadDim = 128;
 constexpr int kBlockSize = 16;  // the engine's default KV block (engine/engine.h)
@@ -31,6 +39,8 @@ constexpr int kSink = 64;       // SpanParams' default sink
 constexpr double kMaxPoolBytes = 40e9;
 constexpr int kWarmup = 3;
 constexpr int kRuns = 15;
+// The variants' outputs must agree to this (relative to the largest output): both are fp32-level.
+constexpr double kAgree = 1e-3;
 
 #define CHECK_CUDA(expr)                                                 \
   do {                                                                   \
@@ -50,6 +60,18 @@ T* Upload(const std::vector<T>& v) {
     CHECK_CUDA(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
   }
   return p;
+}
+
+// Pool values in [-2, 2) from a hash of the index: random enough for the softmax, made on the GPU.
+__global__ void FillPool(__half* p, size_t n) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    uint32_t x = static_cast<uint32_t>(i) * 0x9E3779B9u ^ static_cast<uint32_t>(i >> 32);
+    x ^= x >> 16;
+    x *= 0x85EBCA6Bu;
+    x ^= x >> 13;
+    p[i] = __float2half(static_cast<float>(x >> 8) * (4.0f / 16777216.0f) - 2.0f);
+  }
 }
 
 double Median(std::vector<double> v) {
@@ -128,11 +150,33 @@ double Density(Plan plan, int pair, int shift) {
   return 1.0;
 }
 
-void RunConfig(const Model& m, int batch, int len, Plan plan, double copy_bw, std::mt19937& rng) {
+struct Timing {
+  DecodeAttentionVariant variant;
+  int stages;    // 0: the default
+  int min_keys;  // 0: the default
+};
+
+struct Result {
+  bool ran = false;
+  std::vector<double> fraction;  // of the copy bandwidth, per timing
+  double disagreement = 0.0;     // max |tensor - cuda cores| / max |output| (first two timings)
+};
+
+// Times the decode kernel as each of `timings` asks on one (model, batch, len, plan) setup and
+// prints a row: `label` columns, then per timing the time and fraction of the copy bandwidth.
+// With `check`, timings[0] and timings[1] outputs are compared; with `general`, the general
+// kernel is timed too; with `show_grid`, each timing's thread blocks are printed.
+Result RunConfig(const Model& m, int batch, int len, Plan plan, double copy_bw, std::mt19937& rng,
+                 const std::vector<Timing>& timings, bool check, bool general, bool show_grid,
+                 const char* suffix) {
+  Result res;
   const int n_pairs = batch * m.n_kv_heads;
   std::vector<int32_t> sink_end(n_pairs), win_begin(n_pairs), seq_len(batch, len);
-  std::vector<int32_t> row_pos(batch, len - 1), row_seq(batch);
-  std::iota(row_seq.begin(), row_seq.end(), 0);
+  // The general kernel's view: one new row per sequence at position len - 1, the same windows
+  // as a span rule (span tokens = alpha, so that the window is exactly the decode kernel's).
+  std::vector<int32_t> q_row(batch), n_new(batch, 1), past(batch, len - 1);
+  std::iota(q_row.begin(), q_row.end(), 0);
+  std::vector<DeviceSpanRule> rules(n_pairs);
   int64_t visible = 0;
   std::vector<std::vector<int32_t>> tables(n_pairs);
   int64_t used = 0;
@@ -140,12 +184,17 @@ void RunConfig(const Model& m, int batch, int len, Plan plan, double copy_bw, st
   for (int p = 0; p < n_pairs; ++p) {
     if (p % m.n_kv_heads == 0) shift = static_cast<int>(rng() % 4);
     const double d = Density(plan, p, shift);
+    rules[p] = {};
+    rules[p].dense = 1;
     if (d >= 1.0) {
       sink_end[p] = win_begin[p] = 0;
     } else {
       const int span = static_cast<int>(d * len);
       sink_end[p] = kSink;
       win_begin[p] = len - (span - kSink);
+      rules[p].dense = 0;
+      rules[p].alpha_tokens = span;
+      rules[p].min_span = kSink + kBlockSize;
     }
     visible += sink_end[p] + (len - std::max(win_begin[p], sink_end[p]));
     tables[p].assign((len + kBlockSize - 1) / kBlockSize, -1);
@@ -154,12 +203,13 @@ void RunConfig(const Model& m, int batch, int len, Plan plan, double copy_bw, st
       if (first < sink_end[p] || last >= win_begin[p]) tables[p][b] = static_cast<int32_t>(used++);
     }
   }
-  const double pool_bytes = static_cast<double>(used) * kBlockSize * kHeadDim * sizeof(float) * 2;
-  const double kv_bytes = static_cast<double>(visible) * kHeadDim * sizeof(float) * 2;
+  const double pool_bytes = static_cast<double>(used) * kBlockSize * kHeadDim * sizeof(__half) * 2;
+  const double kv_bytes = static_cast<double>(visible) * kHeadDim * sizeof(__half) * 2;
+  std::printf("| %-10s | %5d | %6d | %-10s | %9.0f |", m.name, batch, len, PlanName(plan),
+              kv_bytes / 1e6);
   if (pool_bytes > kMaxPoolBytes || used > INT32_MAX) {
-    std::printf("| %-10s | %5d | %6d | %-10s | %9.0f | skipped: pool %.1f GB > 40 GB |\n", m.name,
-                batch, len, PlanName(plan), kv_bytes / 1e6, pool_bytes / 1e9);
-    return;
+    std::printf(" skipped: pool %.1f GB > 40 GB |\n", pool_bytes / 1e9);
+    return res;
   }
   std::vector<int32_t> place(used);
   std::iota(place.begin(), place.end(), 0);
@@ -172,9 +222,11 @@ void RunConfig(const Model& m, int batch, int len, Plan plan, double copy_bw, st
     for (int32_t id : tables[p]) table_data.push_back(id >= 0 ? place[id] : -1);
   }
 
-  float* pool = nullptr;
+  __half* pool = nullptr;
+  const size_t pool_elems = static_cast<size_t>(pool_bytes) / sizeof(__half);
   CHECK_CUDA(cudaMalloc(&pool, static_cast<size_t>(pool_bytes)));
-  CHECK_CUDA(cudaMemset(pool, 0, static_cast<size_t>(pool_bytes)));
+  FillPool<<<1024, 256>>>(pool, pool_elems);
+  CHECK_CUDA(cudaGetLastError());
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<float> q_host(static_cast<size_t>(batch) * m.n_heads * kHeadDim);
   for (float& x : q_host) x = normal(rng);
@@ -187,88 +239,213 @@ void RunConfig(const Model& m, int batch, int len, Plan plan, double copy_bw, st
   int32_t* d_sink = Upload(sink_end);
   int32_t* d_win = Upload(win_begin);
   int32_t* d_seq = Upload(seq_len);
-  int32_t* d_pos = Upload(row_pos);
-  int32_t* d_row_seq = Upload(row_seq);
+  int32_t* d_q_row = Upload(q_row);
+  int32_t* d_n_new = Upload(n_new);
+  int32_t* d_past = Upload(past);
+  DeviceSpanRule* d_rules = Upload(rules);
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(kHeadDim));
   const DevicePool dpool{pool, static_cast<int32_t>(used), kBlockSize, kHeadDim};
-  moa::cuda::DecodeAttentionConfig cfg;
-  CHECK_CUDA(
-      moa::cuda::GetDecodeAttentionConfig(kHeadDim, m.n_heads / m.n_kv_heads, n_pairs, &cfg));
-  void* ws = nullptr;
-  CHECK_CUDA(cudaMalloc(&ws, cfg.workspace_bytes));
-  const moa::cuda::DecodeAttentionArgs args{q,       out,   batch,  m.n_heads, m.n_kv_heads, scale,
-                                            d_begin, d_len, d_data, d_sink,    d_win,        d_seq};
-  const double t_split =
-      TimeIt([&] { CHECK_CUDA(moa::cuda::LaunchDecodeAttention(args, dpool, cfg, ws, nullptr)); });
+  const moa::cuda::DecodeAttentionArgs args{q,      out,     batch,   m.n_heads, m.n_kv_heads,
+                                            scale,  nullptr, d_begin, d_len,     d_data,
+                                            d_sink, d_win,   d_seq};
+  std::vector<std::vector<float>> outs;
+  for (const Timing& tm : timings) {
+    moa::cuda::DecodeAttentionConfig cfg;
+    CHECK_CUDA(moa::cuda::GetDecodeAttentionConfig(kHeadDim, m.n_heads / m.n_kv_heads, n_pairs,
+                                                   &cfg, tm.variant, tm.stages));
+    if (tm.min_keys > 0) cfg.min_keys_per_block = tm.min_keys;
+    void* ws = nullptr;
+    CHECK_CUDA(cudaMalloc(&ws, cfg.workspace_bytes));
+    CHECK_CUDA(moa::cuda::InitDecodeAttentionWorkspace(cfg, ws, nullptr));
+    const double t = TimeIt(
+        [&] { CHECK_CUDA(moa::cuda::LaunchDecodeAttention(args, dpool, cfg, ws, nullptr)); });
+    const double bw = kv_bytes / t;
+    res.fraction.push_back(bw / copy_bw);
+    std::printf(" %9.1f | %5.1f%% |", t * 1e6, 100.0 * bw / copy_bw);
+    if (show_grid) std::printf(" grid %4d |", cfg.grid);
+    if (check && outs.size() < 2) {
+      outs.emplace_back(q_host.size());
+      CHECK_CUDA(cudaMemcpy(outs.back().data(), out, q_host.size() * sizeof(float),
+                            cudaMemcpyDeviceToHost));
+    }
+    CHECK_CUDA(cudaFree(ws));
+  }
+  if (timings.size() >= 2) std::printf(" %6.2fx |", res.fraction[1] / res.fraction[0]);
+  if (check && outs.size() == 2) {
+    double worst = 0.0, ref = 0.0;
+    for (size_t i = 0; i < outs[0].size(); ++i) {
+      ref = std::max(ref, static_cast<double>(std::fabs(outs[0][i])));
+      const double e = std::fabs(static_cast<double>(outs[1][i]) - outs[0][i]);
+      if (!(e <= worst)) worst = std::isnan(e) ? INFINITY : e;
+    }
+    res.disagreement = worst / std::max(ref, 1e-30);
+    std::printf(" %7.1e%s |", res.disagreement, res.disagreement <= kAgree ? "" : " MISMATCH");
+  }
 
-  // The backend's current kernel over the same pool (rows = sequences, one new token each).
-  DeviceAttention old{};
-  old.q = q;
-  old.out = out;
-  old.rows = batch;
-  old.n_heads = m.n_heads;
-  old.n_kv_heads = m.n_kv_heads;
-  old.scale = scale;
-  old.row_pos = d_pos;
-  old.row_seq = d_row_seq;
-  old.table_begin = d_begin;
-  old.table_len = d_len;
-  old.table_data = d_data;
-  old.sink_end = d_sink;
-  old.win_begin = d_win;
-  const double t_old = TimeIt([&] { CHECK_CUDA(moa::cuda::LaunchAttention(old, dpool, nullptr)); });
-
-  const double bw = kv_bytes / t_split;
-  std::printf("| %-10s | %5d | %6d | %-10s | %9.0f | %9.1f | %7.0f | %5.1f%% | %9.1f | %6.2fx |\n",
-              m.name, batch, len, PlanName(plan), kv_bytes / 1e6, t_split * 1e6, bw / 1e9,
-              100.0 * bw / copy_bw, t_old * 1e6, t_old / t_split);
+  if (general) {
+    PrefillAttentionArgs gen{};
+    gen.q = q;
+    gen.out = out;
+    gen.n_heads = m.n_heads;
+    gen.n_kv_heads = m.n_kv_heads;
+    gen.head_dim = kHeadDim;
+    gen.scale = scale;
+    gen.sink = kSink;
+    gen.n_seqs = batch;
+    gen.q_row = d_q_row;
+    gen.n_new = d_n_new;
+    gen.past = d_past;
+    gen.max_n_new = 1;
+    gen.table_begin = d_begin;
+    gen.table_len = d_len;
+    gen.table_data = d_data;
+    gen.rules = d_rules;
+    const double t_gen =
+        TimeIt([&] { CHECK_CUDA(moa::cuda::LaunchAttention(gen, dpool, nullptr)); });
+    std::printf(" %9.1f |", t_gen * 1e6);
+  }
+  std::printf("%s\n", suffix);
   std::fflush(stdout);
 
   for (void* p :
        {static_cast<void*>(pool), static_cast<void*>(q), static_cast<void*>(out),
         static_cast<void*>(d_begin), static_cast<void*>(d_len), static_cast<void*>(d_data),
         static_cast<void*>(d_sink), static_cast<void*>(d_win), static_cast<void*>(d_seq),
-        static_cast<void*>(d_pos), static_cast<void*>(d_row_seq), ws}) {
+        static_cast<void*>(d_q_row), static_cast<void*>(d_n_new), static_cast<void*>(d_past),
+        static_cast<void*>(d_rules)}) {
     CHECK_CUDA(cudaFree(p));
   }
+  res.ran = true;
+  return res;
 }
+
+struct Summary {
+  std::vector<double> all;
+  int at_target = 0;
+  double worst = 1e9;
+  std::string worst_row;
+
+  void Add(double f, const std::string& row) {
+    all.push_back(f);
+    at_target += f >= 0.8 ? 1 : 0;
+    if (f < worst) {
+      worst = f;
+      worst_row = row;
+    }
+  }
+  void Print(const char* name) {
+    if (all.empty()) return;
+    std::sort(all.begin(), all.end());
+    std::printf(
+        "summary, %s: %zu configurations, %d at >= 80%% of copy bandwidth; median %.1f%%, "
+        "min %.1f%% (%s)\n",
+        name, all.size(), at_target, 100.0 * all[all.size() / 2], 100.0 * worst, worst_row.c_str());
+  }
+};
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  bool quick = false, general = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0) {
+      quick = true;
+    } else if (std::strcmp(argv[i], "--general") == 0) {
+      general = true;
+    } else {
+      std::fprintf(stderr, "usage: %s [--quick] [--general]\n", argv[0]);
+      return 2;
+    }
+  }
   cudaDeviceProp prop;
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
   const double copy_bw = CopyBandwidth();
   std::printf("device: %s, %d SMs; copy bandwidth (read + written, median of %d): %.0f GB/s\n",
               prop.name, prop.multiProcessorCount, kRuns, copy_bw / 1e9);
   std::printf(
-      "decode attention, one layer, head_dim %d, fp32 KV in blocks of %d positions (random "
-      "placement), sink %d;\nKV MB = key and value bytes the visible keys take (fp16 KV would "
-      "halve them); time = median of %d after %d warm-up runs; old = one block per (row, KV "
-      "head)\n\n",
-      kHeadDim, kBlockSize, kSink, kRuns, kWarmup);
+      "decode attention, one layer, head_dim %d, fp16 KV in blocks of %d positions (random "
+      "placement, random values), sink %d;\nKV MB = key and value bytes of the visible keys; "
+      "time = median of %d after %d warm-up runs; CUDA cores = the first kernel, tensor cores = "
+      "mma.sync tiles (default pipeline depth);\ndiff = max |tensor - CUDA cores| / max |output|"
+      "%s\n\n",
+      kHeadDim, kBlockSize, kSink, kRuns, kWarmup,
+      general ? "; general = the backend's one block per (row, KV head) kernel" : "");
   std::printf(
-      "| model      | batch | KV len | plan       |     KV MB |   time us |    GB/s | of copy |"
-      "    old us | speedup |\n"
-      "|------------|-------|--------|------------|-----------|-----------|---------|---------|"
-      "-----------|---------|\n");
+      "| model      | batch | KV len | plan       |     KV MB | CUDA cores us | of copy |"
+      " tensor us | of copy | speedup |    diff |%s\n"
+      "|------------|-------|--------|------------|-----------|---------------|---------|"
+      "-----------|---------|---------|---------|%s\n",
+      general ? " general us |" : "", general ? "------------|" : "");
   const Model models[] = {{"L2-7B MHA", 32, 32}, {"L3-8B GQA", 32, 8}};
   std::vector<int> batches = {1, 8, 32, 64}, lens = {4096, 8192, 16384, 32768};
   if (quick) {
     batches = {1, 8};
     lens = {4096, 8192};
   }
+  const std::vector<Timing> both = {{DecodeAttentionVariant::kCudaCores, 0, 0},
+                                    {DecodeAttentionVariant::kTensorCores, 0, 0}};
   std::mt19937 rng(7);
+  Summary cuda_cores, tensor, by_default;
+  int mismatches = 0;
   for (const Model& m : models) {
+    moa::cuda::DecodeAttentionConfig def;
+    CHECK_CUDA(moa::cuda::GetDecodeAttentionConfig(kHeadDim, m.n_heads / m.n_kv_heads, 1, &def));
     for (int batch : batches) {
       for (int len : lens) {
         for (Plan plan : {Plan::kDense, Plan::kUniform50, Plan::kUniform25, Plan::kMixed50}) {
-          RunConfig(m, batch, len, plan, copy_bw, rng);
+          const Result r =
+              RunConfig(m, batch, len, plan, copy_bw, rng, both, true, general, false, "");
+          if (!r.ran) continue;
+          const std::string row = std::string(m.name) + " batch " + std::to_string(batch) +
+                                  " len " + std::to_string(len) + " " + PlanName(plan);
+          cuda_cores.Add(r.fraction[0], row);
+          tensor.Add(r.fraction[1], row);
+          by_default.Add(r.fraction[def.tensor_cores ? 1 : 0], row);
+          mismatches += r.disagreement <= kAgree ? 0 : 1;
         }
       }
     }
   }
-  return 0;
+  std::printf("\n");
+  cuda_cores.Print("CUDA cores");
+  tensor.Print("tensor cores");
+  by_default.Print("default variant per model");
+  std::printf("variants disagreeing by more than %.0e: %d\n", kAgree, mismatches);
+
+  // The tensor kernel's pipeline depth (16-key tiles in flight per warp; deeper stages take more
+  // shared memory, so fewer blocks fit on an SM).
+  std::printf("\ntensor cores by pipeline depth: time us and fraction at 2, 3, 4 stages\n\n");
+  const std::vector<Timing> depths = {{DecodeAttentionVariant::kTensorCores, 2, 0},
+                                      {DecodeAttentionVariant::kTensorCores, 3, 0},
+                                      {DecodeAttentionVariant::kTensorCores, 4, 0}};
+  struct Point {
+    int model, batch, len;
+    Plan plan;
+  };
+  const Point depth_points[] = {{1, 1, 32768, Plan::kDense},   {1, 8, 16384, Plan::kDense},
+                                {1, 64, 8192, Plan::kDense},   {1, 32, 4096, Plan::kUniform25},
+                                {0, 8, 4096, Plan::kDense},    {0, 32, 16384, Plan::kDense},
+                                {0, 64, 32768, Plan::kMixed50}};
+  for (const Point& pt : depth_points) {
+    if (quick && (pt.batch > 8 || pt.len > 8192)) continue;
+    RunConfig(models[pt.model], pt.batch, pt.len, pt.plan, copy_bw, rng, depths, false, false, true,
+              " 2 / 3 / 4 stages |");
+  }
+
+  // Batch 1 (the fewest pairs) by the minimum keys per block, both variants.
+  std::printf("\nbatch 1 by the minimum keys per block: CUDA cores, tensor cores\n\n");
+  for (const Model& m : models) {
+    for (const int len : {4096, 16384}) {
+      for (const Plan plan : {Plan::kDense, Plan::kUniform25}) {
+        for (const int min_keys : {16, 32, 64, 128, 256}) {
+          const std::vector<Timing> t = {{DecodeAttentionVariant::kCudaCores, 0, min_keys},
+                                         {DecodeAttentionVariant::kTensorCores, 0, min_keys}};
+          const std::string suffix = " min keys per block " + std::to_string(min_keys) + " |";
+          RunConfig(m, 1, len, plan, copy_bw, rng, t, false, false, false, suffix.c_str());
+        }
+      }
+    }
+  }
+  return mismatches == 0 ? 0 : 1;
 }

@@ -172,10 +172,10 @@ class EngineImpl final : public Engine {
   int64_t LargestFitLocked(const Request& r, int64_t max_n) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RunStep(std::vector<Scheduled> batch, absl::Time step_start);
-  // Samples the next token of `r` from its logits row; returns the token's chunk, with a
-  // finish reason if the token ends the generation.
-  GenerationChunk ProcessToken(Request& r, absl::Span<float> row, absl::Time now,
-                               std::vector<std::function<void()>>* events);
+  // Takes `token`, the next token of `r` (`raw`: its logits row when r wants logprobs); returns
+  // the token's chunk, with a finish reason if the token ends the generation.
+  GenerationChunk ProcessToken(Request& r, int32_t token, absl::Span<const float> raw,
+                               absl::Time now, std::vector<std::function<void()>>* events);
   // Removes `r` from the engine, frees its blocks and queues its last chunk (`last` carries
   // the finishing token, if any). Text still held back is flushed unless the reason is kStop or
   // kError.
@@ -510,12 +510,10 @@ std::vector<EngineImpl::Scheduled> EngineImpl::ScheduleLocked(absl::Time now, Ou
   return batch;
 }
 
-GenerationChunk EngineImpl::ProcessToken(Request& r, absl::Span<float> row, absl::Time now,
+GenerationChunk EngineImpl::ProcessToken(Request& r, int32_t token, absl::Span<const float> raw,
+                                         absl::Time now,
                                          std::vector<std::function<void()>>* events) {
   GenerationChunk c;
-  std::vector<float> raw;
-  if (r.req.top_logprobs > 0) raw.assign(row.begin(), row.end());
-  const int32_t token = r.sampler.Sample(row, r.tokens);
   r.tokens.push_back(token);
   c.tokens.push_back(token);
   if (r.req.top_logprobs > 0) c.logprobs.push_back(LogProbs(raw, token, r.req.top_logprobs));
@@ -572,8 +570,30 @@ void EngineImpl::RunStep(std::vector<Scheduled> batch, absl::Time step_start) {
     inputs.push_back(in);
     batch_tokens += s.n;
   }
+  // The backend picks every row's token (a device backend copies back only the tokens). A row
+  // that ends its prompt or decodes takes its request's parameters, penalties over the tokens so
+  // far and the request's next draw (one per sampled token, as when the host sampled, so seeds
+  // give the same streams); other rows (prefill chunks before the prompt's last) are picked
+  // greedily and dropped. The logits come back only when some row wants logprobs.
+  std::vector<TokenCounts> counts(batch.size());
+  std::vector<SampleRow> rows(batch.size());
+  bool want_logits = false;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    Request& r = *batch[i].r;
+    if (r.computed + batch[i].n != static_cast<int64_t>(r.tokens.size())) continue;
+    rows[i].params = r.sampler.params();
+    if (HasPenalties(rows[i].params)) {
+      counts[i] = CountTokens(r.tokens, vocab);
+      rows[i].penalty_ids = counts[i].ids;
+      rows[i].penalty_counts = counts[i].counts;
+    }
+    rows[i].u = r.sampler.NextUniform();
+    want_logits |= r.req.top_logprobs > 0;
+  }
+  std::vector<int32_t> sampled;
   std::vector<float> logits;
-  const absl::Status fwd = model_->Forward(inputs, *kv_, *pool_, &logits);
+  const absl::Status fwd = model_->ForwardAndSample(inputs, *kv_, *pool_, rows, &sampled,
+                                                    want_logits ? &logits : nullptr);
 
   Outbox out;
   if (!fwd.ok()) {
@@ -604,8 +624,9 @@ void EngineImpl::RunStep(std::vector<Scheduled> batch, absl::Time step_start) {
     for (size_t i = 0; i < batch.size(); ++i) {
       Request& r = *batch[i].r;
       if (r.pending() != 0) continue;  // a prefill chunk that is not the prompt's last
-      absl::Span<float> row = absl::MakeSpan(logits).subspan(i * vocab, vocab);
-      produced.emplace_back(batch[i].r, ProcessToken(r, row, now, &out.events));
+      absl::Span<const float> raw;
+      if (r.req.top_logprobs > 0) raw = absl::MakeConstSpan(logits).subspan(i * vocab, vocab);
+      produced.emplace_back(batch[i].r, ProcessToken(r, sampled[i], raw, now, &out.events));
     }
     absl::MutexLock l(&mu_);
     for (auto& [r, chunk] : produced) {

@@ -37,13 +37,11 @@ struct LlamaModel::Impl {
 
 LlamaModel::~LlamaModel() = default;
 
-absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const ModelFile& file,
-                                                               Backend* backend,
-                                                               const MoaPlan* plan) {
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Build(const ModelConfig& c,
+                                                              Backend* backend, const MoaPlan* plan,
+                                                              const WeightSource& weight) {
   if (backend == nullptr) return absl::InvalidArgumentError("LlamaModel: no backend");
-  const ModelConfig& c = file.config;
   RETURN_IF_ERROR(ValidateConfig(c));
-  RETURN_IF_ERROR(ValidateTensors(file));
   std::unique_ptr<LlamaModel> m(new LlamaModel());
   m->config_ = c;
   m->impl_ = std::make_unique<Impl>();
@@ -58,32 +56,72 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const ModelFile& 
   if (!inv.ok()) return inv.status();
   im.inv_freq = *std::move(inv);
 
-  auto load = [&](const std::string& name, std::unique_ptr<Tensor>* dst) -> absl::Status {
-    auto it = file.tensors.find(name);
-    if (it == file.tensors.end()) return absl::NotFoundError(absl::StrCat("missing ", name));
-    absl::StatusOr<std::unique_ptr<Tensor>> t = backend->LoadWeight(it->second);
+  auto load = [&](const std::string& name, int64_t rows, int64_t cols, bool norm,
+                  std::unique_ptr<Tensor>* dst) -> absl::Status {
+    absl::StatusOr<std::unique_ptr<Tensor>> t = weight(name, rows, cols, norm);
     if (!t.ok()) return t.status();
     *dst = *std::move(t);
     return absl::OkStatus();
   };
-  RETURN_IF_ERROR(load("token_embd.weight", &im.token_embd));
-  RETURN_IF_ERROR(load("output_norm.weight", &im.output_norm));
-  if (!c.tied_embeddings) RETURN_IF_ERROR(load("output.weight", &im.output));
+  const int64_t d = c.d_model;
+  const int64_t q_rows = int64_t{c.n_heads} * c.head_dim;
+  const int64_t kv_rows = int64_t{c.n_kv_heads} * c.head_dim;
+  RETURN_IF_ERROR(load("token_embd.weight", c.vocab_size, d, false, &im.token_embd));
+  RETURN_IF_ERROR(load("output_norm.weight", 1, d, true, &im.output_norm));
+  if (!c.tied_embeddings) {
+    RETURN_IF_ERROR(load("output.weight", c.vocab_size, d, false, &im.output));
+  }
   im.layers.resize(c.n_layers);
   for (int l = 0; l < c.n_layers; ++l) {
     const std::string p = absl::StrCat("blk.", l, ".");
     Impl::Layer& L = im.layers[l];
-    RETURN_IF_ERROR(load(p + "attn_norm.weight", &L.attn_norm));
-    RETURN_IF_ERROR(load(p + "attn_q.weight", &L.q));
-    RETURN_IF_ERROR(load(p + "attn_k.weight", &L.k));
-    RETURN_IF_ERROR(load(p + "attn_v.weight", &L.v));
-    RETURN_IF_ERROR(load(p + "attn_output.weight", &L.o));
-    RETURN_IF_ERROR(load(p + "ffn_norm.weight", &L.ffn_norm));
-    RETURN_IF_ERROR(load(p + "ffn_gate.weight", &L.gate));
-    RETURN_IF_ERROR(load(p + "ffn_up.weight", &L.up));
-    RETURN_IF_ERROR(load(p + "ffn_down.weight", &L.down));
+    RETURN_IF_ERROR(load(p + "attn_norm.weight", 1, d, true, &L.attn_norm));
+    RETURN_IF_ERROR(load(p + "attn_q.weight", q_rows, d, false, &L.q));
+    RETURN_IF_ERROR(load(p + "attn_k.weight", kv_rows, d, false, &L.k));
+    RETURN_IF_ERROR(load(p + "attn_v.weight", kv_rows, d, false, &L.v));
+    RETURN_IF_ERROR(load(p + "attn_output.weight", d, q_rows, false, &L.o));
+    RETURN_IF_ERROR(load(p + "ffn_norm.weight", 1, d, true, &L.ffn_norm));
+    RETURN_IF_ERROR(load(p + "ffn_gate.weight", c.d_ff, d, false, &L.gate));
+    RETURN_IF_ERROR(load(p + "ffn_up.weight", c.d_ff, d, false, &L.up));
+    RETURN_IF_ERROR(load(p + "ffn_down.weight", d, c.d_ff, false, &L.down));
   }
   return m;
+}
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const ModelFile& file,
+                                                               Backend* backend,
+                                                               const MoaPlan* plan) {
+  RETURN_IF_ERROR(ValidateConfig(file.config));
+  // Also checks every shape, so the loader below need not.
+  RETURN_IF_ERROR(ValidateTensors(file));
+  return Build(file.config, backend, plan,
+               [&](const std::string& name, int64_t, int64_t,
+                   bool) -> absl::StatusOr<std::unique_ptr<Tensor>> {
+                 auto it = file.tensors.find(name);
+                 if (it == file.tensors.end()) {
+                   return absl::NotFoundError(absl::StrCat("missing ", name));
+                 }
+                 return backend->LoadWeight(it->second);
+               });
+}
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::CreateRandom(const ModelConfig& config,
+                                                                     Backend* backend,
+                                                                     const MoaPlan* plan,
+                                                                     uint64_t seed) {
+  uint64_t index = 0;  // tensors in Build's order: each its own stream of values
+  return Build(config, backend, plan,
+               [&](const std::string& name, int64_t rows, int64_t cols,
+                   bool norm) -> absl::StatusOr<std::unique_ptr<Tensor>> {
+                 const uint64_t tensor_seed = seed * 0x100000001B3ull + ++index;
+                 if (norm) return backend->RandomWeight(rows, cols, tensor_seed, 0.125f, 1.0f);
+                 // Uniform in [-a, a) has variance a^2 / 3: a = sqrt(3 / fan_in) keeps a unit
+                 // input at unit output. The embedding is a lookup, not a product: [-1, 1).
+                 const float scale = name == "token_embd.weight"
+                                         ? 1.0f
+                                         : std::sqrt(3.0f / static_cast<float>(cols));
+                 return backend->RandomWeight(rows, cols, tensor_seed, scale, 0.0f);
+               });
 }
 
 KvLayout LlamaModel::kv_layout(int32_t block_size) const {
@@ -132,9 +170,8 @@ absl::Status LlamaModel::CheckKvLayout(const KvLayout& l) const {
   return absl::OkStatus();
 }
 
-absl::Status LlamaModel::Forward(absl::Span<const ForwardInput> batch, const KvCacheManager& kv,
-                                 KvPool& pool, std::vector<float>* logits) {
-  if (logits == nullptr) return absl::InvalidArgumentError("Forward: no logits output");
+absl::StatusOr<std::unique_ptr<Tensor>> LlamaModel::ForwardToLogits(
+    absl::Span<const ForwardInput> batch, const KvCacheManager& kv, KvPool& pool) {
   if (batch.empty()) return absl::InvalidArgumentError("Forward: empty batch");
   const ModelConfig& c = config_;
   Impl& im = *impl_;
@@ -194,80 +231,123 @@ absl::Status LlamaModel::Forward(absl::Span<const ForwardInput> batch, const KvC
   const int64_t q_cols = int64_t{c.n_heads} * c.head_dim;
   const int64_t kv_cols = int64_t{c.n_kv_heads} * c.head_dim;
 
-  std::unique_ptr<Tensor> x, xn, q, k, v, attn, proj, gate, up, act;
-  const std::pair<std::unique_ptr<Tensor>*, int64_t> scratch[] = {
-      {&x, d},         {&xn, d},   {&q, q_cols},    {&k, kv_cols}, {&v, kv_cols},
-      {&attn, q_cols}, {&proj, d}, {&gate, c.d_ff}, {&up, c.d_ff}, {&act, c.d_ff}};
-  for (const auto& [dst, cols] : scratch) {
-    absl::StatusOr<std::unique_ptr<Tensor>> t = be.NewActivation(rows, cols);
-    if (!t.ok()) return t.status();
-    *dst = *std::move(t);
-  }
+  // The step itself; everything it allocates is dropped at its end except the logits.
+  const auto run = [&]() -> absl::StatusOr<std::unique_ptr<Tensor>> {
+    std::unique_ptr<Tensor> x, xn, q, k, v, attn, proj, gate, up, act;
+    const std::pair<std::unique_ptr<Tensor>*, int64_t> scratch[] = {
+        {&x, d},         {&xn, d},   {&q, q_cols},    {&k, kv_cols}, {&v, kv_cols},
+        {&attn, q_cols}, {&proj, d}, {&gate, c.d_ff}, {&up, c.d_ff}, {&act, c.d_ff}};
+    for (const auto& [dst, cols] : scratch) {
+      absl::StatusOr<std::unique_ptr<Tensor>> t = be.NewActivation(rows, cols);
+      if (!t.ok()) return t.status();
+      *dst = *std::move(t);
+    }
 
-  // Per layer, each sequence's block tables of every KV head, as the backend takes them.
-  const size_t n_seqs = batch.size();
-  std::vector<absl::Span<const int32_t>> tables(n_seqs * c.n_kv_heads);
-  for (size_t s = 0; s < n_seqs; ++s) {
-    slices[s].block_tables = absl::MakeConstSpan(tables).subspan(s * c.n_kv_heads, c.n_kv_heads);
-  }
-
-  RETURN_IF_ERROR(be.Embed(*im.token_embd, tokens, *x));
-  AttentionParams ap;
-  ap.n_heads = c.n_heads;
-  ap.n_kv_heads = c.n_kv_heads;
-  ap.head_dim = c.head_dim;
-  ap.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-  ap.span = im.span;
-  for (int l = 0; l < c.n_layers; ++l) {
-    const Impl::Layer& L = im.layers[l];
-    RETURN_IF_ERROR(be.RmsNorm(*x, *L.attn_norm, c.rms_eps, *xn));
-    RETURN_IF_ERROR(be.MatMul(*xn, *L.q, *q));
-    RETURN_IF_ERROR(be.MatMul(*xn, *L.k, *k));
-    RETURN_IF_ERROR(be.MatMul(*xn, *L.v, *v));
-    RETURN_IF_ERROR(be.Rope(*q, c.n_heads, c.head_dim, im.inv_freq, positions, c.rope_layout));
-    RETURN_IF_ERROR(be.Rope(*k, c.n_kv_heads, c.head_dim, im.inv_freq, positions, c.rope_layout));
-    ap.layer = l;
+    // Per layer, each sequence's block tables of every KV head, as the backend takes them.
+    const size_t n_seqs = batch.size();
+    std::vector<absl::Span<const int32_t>> tables(n_seqs * c.n_kv_heads);
     for (size_t s = 0; s < n_seqs; ++s) {
-      for (int h = 0; h < c.n_kv_heads; ++h) {
-        tables[s * c.n_kv_heads + h] = kv.table(batch[s].seq, l, h).blocks;
-      }
+      slices[s].block_tables = absl::MakeConstSpan(tables).subspan(s * c.n_kv_heads, c.n_kv_heads);
     }
-    ap.rules = im.rules.empty() ? absl::Span<const SpanRule>() : im.rules[l];
-    RETURN_IF_ERROR(be.Attention(*q, *k, *v, slices, ap, pool, *attn));
-    RETURN_IF_ERROR(be.MatMul(*attn, *L.o, *proj));
-    RETURN_IF_ERROR(be.Add(*x, *proj));
-    RETURN_IF_ERROR(be.RmsNorm(*x, *L.ffn_norm, c.rms_eps, *xn));
-    RETURN_IF_ERROR(be.MatMul(*xn, *L.gate, *gate));
-    RETURN_IF_ERROR(be.MatMul(*xn, *L.up, *up));
-    RETURN_IF_ERROR(be.SwiGlu(*gate, *up, *act));
-    RETURN_IF_ERROR(be.MatMul(*act, *L.down, *proj));
-    RETURN_IF_ERROR(be.Add(*x, *proj));
-  }
 
-  // Only the wanted rows go through the final norm and the (large) vocabulary projection.
-  const int64_t n_out = static_cast<int64_t>(wanted_rows.size());
-  std::unique_ptr<Tensor> last = std::move(x);
-  if (n_out != rows) {
-    std::vector<float> all(rows * d);
-    RETURN_IF_ERROR(be.CopyToHost(*last, absl::MakeSpan(all)));
-    std::vector<float> picked(n_out * d);
-    for (int64_t i = 0; i < n_out; ++i) {
-      std::copy_n(all.begin() + wanted_rows[i] * d, d, picked.begin() + i * d);
+    RETURN_IF_ERROR(be.Embed(*im.token_embd, tokens, *x));
+    AttentionParams ap;
+    ap.n_heads = c.n_heads;
+    ap.n_kv_heads = c.n_kv_heads;
+    ap.head_dim = c.head_dim;
+    ap.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    ap.span = im.span;
+    for (int l = 0; l < c.n_layers; ++l) {
+      const Impl::Layer& L = im.layers[l];
+      RETURN_IF_ERROR(be.RmsNorm(*x, *L.attn_norm, c.rms_eps, *xn));
+      RETURN_IF_ERROR(be.MatMul(*xn, *L.q, *q));
+      RETURN_IF_ERROR(be.MatMul(*xn, *L.k, *k));
+      RETURN_IF_ERROR(be.MatMul(*xn, *L.v, *v));
+      RETURN_IF_ERROR(be.Rope(*q, c.n_heads, c.head_dim, im.inv_freq, positions, c.rope_layout));
+      RETURN_IF_ERROR(be.Rope(*k, c.n_kv_heads, c.head_dim, im.inv_freq, positions, c.rope_layout));
+      ap.layer = l;
+      for (size_t s = 0; s < n_seqs; ++s) {
+        for (int h = 0; h < c.n_kv_heads; ++h) {
+          tables[s * c.n_kv_heads + h] = kv.table(batch[s].seq, l, h).blocks;
+        }
+      }
+      ap.rules = im.rules.empty() ? absl::Span<const SpanRule>() : im.rules[l];
+      RETURN_IF_ERROR(be.Attention(*q, *k, *v, slices, ap, pool, *attn));
+      RETURN_IF_ERROR(be.MatMul(*attn, *L.o, *proj));
+      RETURN_IF_ERROR(be.Add(*x, *proj));
+      RETURN_IF_ERROR(be.RmsNorm(*x, *L.ffn_norm, c.rms_eps, *xn));
+      RETURN_IF_ERROR(be.MatMul(*xn, *L.gate, *gate));
+      RETURN_IF_ERROR(be.MatMul(*xn, *L.up, *up));
+      RETURN_IF_ERROR(be.SwiGlu(*gate, *up, *act));
+      RETURN_IF_ERROR(be.MatMul(*act, *L.down, *proj));
+      RETURN_IF_ERROR(be.Add(*x, *proj));
     }
-    absl::StatusOr<std::unique_ptr<Tensor>> t = be.NewActivation(n_out, d);
-    if (!t.ok()) return t.status();
-    last = *std::move(t);
-    RETURN_IF_ERROR(be.CopyFromHost(picked, *last));
+
+    // Only the wanted rows go through the final norm and the (large) vocabulary projection.
+    const int64_t n_out = static_cast<int64_t>(wanted_rows.size());
+    std::unique_ptr<Tensor> last = std::move(x);
+    if (n_out != rows) {
+      absl::StatusOr<std::unique_ptr<Tensor>> t = be.NewActivation(n_out, d);
+      if (!t.ok()) return t.status();
+      RETURN_IF_ERROR(be.GatherRows(*last, wanted_rows, **t));
+      last = *std::move(t);
+    }
+    absl::StatusOr<std::unique_ptr<Tensor>> normed = be.NewActivation(n_out, d);
+    if (!normed.ok()) return normed.status();
+    absl::StatusOr<std::unique_ptr<Tensor>> out = be.NewActivation(n_out, c.vocab_size);
+    if (!out.ok()) return out.status();
+    RETURN_IF_ERROR(be.RmsNorm(*last, *im.output_norm, c.rms_eps, **normed));
+    RETURN_IF_ERROR(be.MatMul(**normed, im.logits_weight(), **out));
+    return out;
+  };
+  // A decode step (one new token per sequence) has the same shapes every time for a batch size:
+  // the backend may record it once and replay it (Backend::BeginStep). ABORTED means the
+  // recording no longer fits (longer block tables, a bigger workspace) and nothing ran: again.
+  const bool replayable = std::all_of(batch.begin(), batch.end(),
+                                      [](const ForwardInput& in) { return in.tokens.size() == 1; });
+  if (!replayable) return run();
+  absl::Status s;
+  // Each retry follows a growth of the recording's memory, at least 4x: a few suffice.
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    RETURN_IF_ERROR(be.BeginStep(static_cast<int64_t>(batch.size())));
+    absl::StatusOr<std::unique_ptr<Tensor>> out = run();
+    s = out.ok() ? be.EndStep() : out.status();
+    if (s.ok()) return out;
+    be.CancelStep();
+    if (!absl::IsAborted(s)) return s;
   }
-  absl::StatusOr<std::unique_ptr<Tensor>> normed = be.NewActivation(n_out, d);
-  if (!normed.ok()) return normed.status();
-  absl::StatusOr<std::unique_ptr<Tensor>> out = be.NewActivation(n_out, c.vocab_size);
-  if (!out.ok()) return out.status();
-  RETURN_IF_ERROR(be.RmsNorm(*last, *im.output_norm, c.rms_eps, **normed));
-  RETURN_IF_ERROR(be.MatMul(**normed, im.logits_weight(), **out));
+  return s;
+}
+
+absl::Status LlamaModel::Forward(absl::Span<const ForwardInput> batch, const KvCacheManager& kv,
+                                 KvPool& pool, std::vector<float>* logits) {
+  if (logits == nullptr) return absl::InvalidArgumentError("Forward: no logits output");
+  ASSIGN_OR_RETURN(const std::unique_ptr<Tensor> out, ForwardToLogits(batch, kv, pool));
+  const int64_t n = out->rows() * out->cols();
   const size_t old = logits->size();
-  logits->resize(old + n_out * c.vocab_size);
-  return be.CopyToHost(**out, absl::MakeSpan(logits->data() + old, n_out * c.vocab_size));
+  logits->resize(old + n);
+  return impl_->backend->CopyToHost(*out, absl::MakeSpan(logits->data() + old, n));
+}
+
+absl::Status LlamaModel::ForwardAndSample(absl::Span<const ForwardInput> batch,
+                                          const KvCacheManager& kv, KvPool& pool,
+                                          absl::Span<const SampleRow> rows,
+                                          std::vector<int32_t>* tokens,
+                                          std::vector<float>* logits) {
+  if (tokens == nullptr) return absl::InvalidArgumentError("ForwardAndSample: no tokens output");
+  // Bad rows are refused before the step writes the KV cache.
+  int64_t returned = 0;
+  for (const ForwardInput& in : batch) {
+    returned += in.all_logits ? static_cast<int64_t>(in.tokens.size()) : 1;
+  }
+  RETURN_IF_ERROR(CheckSampleArgs(returned, config_.vocab_size, rows, rows.size()));
+  ASSIGN_OR_RETURN(const std::unique_ptr<Tensor> out, ForwardToLogits(batch, kv, pool));
+  Backend& be = *impl_->backend;
+  tokens->resize(rows.size());
+  RETURN_IF_ERROR(be.Sample(*out, rows, absl::MakeSpan(*tokens)));
+  if (logits == nullptr) return absl::OkStatus();
+  logits->resize(out->rows() * out->cols());
+  return be.CopyToHost(*out, absl::MakeSpan(*logits));
 }
 
 }  // namespace moa

@@ -2,7 +2,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -29,6 +31,14 @@ class LlamaModel {
   // null (dense attention); it must fit the model (MoaPlan::CheckFits).
   static absl::StatusOr<std::unique_ptr<LlamaModel>> Create(const ModelFile& file, Backend* backend,
                                                             const MoaPlan* plan);
+  // A model of shape `config` with random weights made on `backend` (Backend::RandomWeight), for
+  // benchmarks of large shapes and tests: each matrix uniform with the variance of 1 / fan-in
+  // (activations keep their scale through the layers), the embedding uniform in [-1, 1), norm
+  // scales near 1. The same seed gives the same weights on every backend.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> CreateRandom(const ModelConfig& config,
+                                                                  Backend* backend,
+                                                                  const MoaPlan* plan,
+                                                                  uint64_t seed);
   ~LlamaModel();
 
   const ModelConfig& config() const { return config_; }
@@ -48,10 +58,26 @@ class LlamaModel {
   // token if all_logits, else the last).
   absl::Status Forward(absl::Span<const ForwardInput> batch, const KvCacheManager& kv, KvPool& pool,
                        std::vector<float>* logits);
+  // Forward, then the backend picks a token from each returned position's logits (in input order)
+  // under rows[i] (Backend::Sample), so that a device backend copies back only `tokens`. With
+  // `logits` non-null the logits also come back (replacing its contents), for log-probabilities.
+  absl::Status ForwardAndSample(absl::Span<const ForwardInput> batch, const KvCacheManager& kv,
+                                KvPool& pool, absl::Span<const SampleRow> rows,
+                                std::vector<int32_t>* tokens, std::vector<float>* logits);
 
  private:
   LlamaModel() = default;
+  // The weight of canonical name `name` (model_file.h), [rows, cols]; `norm`: a norm scale.
+  using WeightSource = std::function<absl::StatusOr<std::unique_ptr<Tensor>>(
+      const std::string& name, int64_t rows, int64_t cols, bool norm)>;
+  // What Create and CreateRandom share: checks, the plan, RoPE and every weight from `weight`.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Build(const ModelConfig& c, Backend* backend,
+                                                           const MoaPlan* plan,
+                                                           const WeightSource& weight);
   absl::Status CheckKvLayout(const KvLayout& layout) const;
+  // What Forward and ForwardAndSample share: the step, ending with the logits on the backend.
+  absl::StatusOr<std::unique_ptr<Tensor>> ForwardToLogits(absl::Span<const ForwardInput> batch,
+                                                          const KvCacheManager& kv, KvPool& pool);
   struct Impl;
   ModelConfig config_;
   std::unique_ptr<Impl> impl_;

@@ -1,35 +1,26 @@
-// Picks the next token from logits: greedy, or temperature sampling filtered by top-k, top-p and
-// min-p, after repetition / presence / frequency penalties on the tokens seen so far.
+// A request's sampler: its seeded random stream, and the host pick of kernels/sampling.h.
 #pragma once
 
 #include <cstdint>
 #include <random>
 
-#include "absl/status/status.h"
 #include "absl/types/span.h"
+#include "kernels/sampling.h"
 
 namespace moa {
-
-struct SamplingParams {
-  float temperature = 0.0f;         // 0 = greedy
-  int32_t top_k = 0;                // 0 = off
-  float top_p = 1.0f;               // in (0, 1]
-  float min_p = 0.0f;               // in [0, 1)
-  float repetition_penalty = 1.0f;  // > 0; 1 = off (divides positive logits, as in HF/llama.cpp)
-  float presence_penalty = 0.0f;    // subtracted once from every token already seen
-  float frequency_penalty = 0.0f;   // subtracted per occurrence
-  uint64_t seed = 0;
-};
-
-// INVALID_ARGUMENT naming the first bad field.
-absl::Status ValidateSamplingParams(const SamplingParams& p);
 
 class Sampler {
  public:
   explicit Sampler(const SamplingParams& p) : p_(p), rng_(p.seed) {}
 
-  // `logits` is modified (penalties, temperature); `history` is every token of the sequence so
-  // far (prompt included) for the penalties.
+  const SamplingParams& params() const { return p_; }
+
+  // The uniform u in [0, 1) for the next token: one draw for a sampled token, none (0) for a
+  // greedy one, so that a seed gives the same stream whether the host or a device picks.
+  double NextUniform();
+
+  // Picks on the host: SampleWithUniform with NextUniform(). `logits` is modified (penalties);
+  // `history` is every token of the sequence so far (prompt included) for the penalties.
   int32_t Sample(absl::Span<float> logits, absl::Span<const int32_t> history);
 
  private:

@@ -12,6 +12,7 @@
 #include "engine/model/host_tensor.h"
 #include "engine/model/model_config.h"
 #include "kernels/attention_span.h"
+#include "kernels/sampling.h"
 
 namespace moa {
 
@@ -65,6 +66,13 @@ class Backend {
   // A weight for MatMul / Embed / RmsNorm, converted to the backend's storage format (the CPU
   // backend keeps quantized blocks as they are). 1-D tensors become one row.
   virtual absl::StatusOr<std::unique_ptr<Tensor>> LoadWeight(const HostTensor& t) = 0;
+  // A random weight [rows, cols], made where it lives (a 7B-shaped model need not exist on the
+  // host): what LoadWeight makes of an F16 tensor of that shape whose element i is
+  // RandomUniform(RandomKey(seed), i, scale, offset) (kernels/random_fill.h) rounded to fp16,
+  // i.e. uniform in [offset - scale, offset + scale). Every backend gives the same values.
+  virtual absl::StatusOr<std::unique_ptr<Tensor>> RandomWeight(int64_t rows, int64_t cols,
+                                                               uint64_t seed, float scale,
+                                                               float offset) = 0;
   // An uninitialised activation [rows, cols].
   virtual absl::StatusOr<std::unique_ptr<Tensor>> NewActivation(int64_t rows, int64_t cols) = 0;
   virtual absl::Status CopyToHost(const Tensor& t, absl::Span<float> out) = 0;
@@ -99,6 +107,27 @@ class Backend {
   virtual absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                  absl::Span<const SequenceSlice> seqs, const AttentionParams& p,
                                  KvPool& pool, Tensor& out) = 0;
+  // out[i] = x[rows[i]] (each index in [0, x.rows())).
+  virtual absl::Status GatherRows(const Tensor& x, absl::Span<const int64_t> rows, Tensor& out) = 0;
+
+  // Replayable steps. Between BeginStep(key) and EndStep() the caller runs, for a given key, the
+  // same operations on tensors of the same shapes every time (decode steps of one batch size);
+  // only host inputs (tokens, positions, block tables) change, and no CopyToHost / CopyFromHost
+  // happens in between. A backend may record the first such step and replay it afterwards (the
+  // CUDA backend: CUDA graphs); results are available after EndStep. ABORTED from any operation
+  // or EndStep means nothing of the step ran and the caller should run it once more; after any
+  // other error the caller calls CancelStep. Backends without replay run every step directly.
+  virtual absl::Status BeginStep(int64_t key) { return absl::OkStatus(); }
+  virtual absl::Status EndStep() { return absl::OkStatus(); }
+  virtual void CancelStep() {}
+
+  // tokens[i] = the token SampleWithUniform (kernels/sampling.h) picks from row i of `logits`
+  // [rows.size(), vocab] under rows[i]; `logits` is left unchanged. A backend may pick another
+  // token only where rounding moves a boundary of the cumulative distribution past u (see
+  // kernels/sampling.h). The default copies the logits to the host and picks there; a device
+  // backend overrides it so that only the tokens come back. Not inside BeginStep / EndStep.
+  virtual absl::Status Sample(const Tensor& logits, absl::Span<const SampleRow> rows,
+                              absl::Span<int32_t> tokens);
 };
 
 // The CPU backend; n_threads <= 0 means one per hardware thread.

@@ -3,6 +3,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/status_macros.h"
 
 namespace moa {
 
@@ -73,6 +74,18 @@ absl::Status CheckAttentionArgs(const Tensor& q, const Tensor& k, const Tensor& 
   if (absl::Status s = CheckShape(v, rows, kv_cols, "Attention v"); !s.ok()) return s;
   if (absl::Status s = CheckShape(q, rows, q_cols, "Attention q"); !s.ok()) return s;
   return CheckShape(out, rows, q_cols, "Attention output");
+}
+
+absl::Status CheckGatherRows(const Tensor& x, absl::Span<const int64_t> rows, const Tensor& out) {
+  RETURN_IF_ERROR(
+      CheckShape(out, static_cast<int64_t>(rows.size()), x.cols(), "GatherRows output"));
+  for (int64_t r : rows) {
+    if (r < 0 || r >= x.rows()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("GatherRows: row ", r, " outside [0, ", x.rows(), ")"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace moa

@@ -29,4 +29,7 @@ absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, absl::strin
 absl::Status CheckAttentionArgs(const Tensor& q, const Tensor& k, const Tensor& v,
                                 const Tensor& out, const AttentionParams& p, int pool_head_dim);
 
+// Backend::GatherRows's arguments: out is [rows.size(), x.cols()], every index a row of x.
+absl::Status CheckGatherRows(const Tensor& x, absl::Span<const int64_t> rows, const Tensor& out);
+
 }  // namespace moa

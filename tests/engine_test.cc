@@ -173,6 +173,10 @@ class FailingBackend : public Backend {
   absl::StatusOr<std::unique_ptr<Tensor>> LoadWeight(const HostTensor& t) override {
     return inner_->LoadWeight(t);
   }
+  absl::StatusOr<std::unique_ptr<Tensor>> RandomWeight(int64_t rows, int64_t cols, uint64_t seed,
+                                                       float scale, float offset) override {
+    return inner_->RandomWeight(rows, cols, seed, scale, offset);
+  }
   absl::StatusOr<std::unique_ptr<Tensor>> NewActivation(int64_t rows, int64_t cols) override {
     return inner_->NewActivation(rows, cols);
   }
@@ -211,6 +215,9 @@ class FailingBackend : public Backend {
                          absl::Span<const SequenceSlice> seqs, const AttentionParams& p,
                          KvPool& pool, Tensor& out) override {
     return inner_->Attention(q, k, v, seqs, p, pool, out);
+  }
+  absl::Status GatherRows(const Tensor& x, absl::Span<const int64_t> rows, Tensor& out) override {
+    return inner_->GatherRows(x, rows, out);
   }
 
  private:

@@ -19,6 +19,7 @@
 #include "kernels/cpu/dot.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/quant.h"
+#include "kernels/random_fill.h"
 #include "kernels/status_macros.h"
 
 namespace moa {
@@ -169,6 +170,26 @@ class CpuBackend : public Backend {
       owner = std::move(copy);
     }
     return CpuTensor::Weight(rows, cols, t.dtype, row_bytes, data, std::move(owner));
+  }
+
+  absl::StatusOr<std::unique_ptr<Tensor>> RandomWeight(int64_t rows, int64_t cols, uint64_t seed,
+                                                       float scale, float offset) override {
+    RETURN_IF_ERROR(CheckRandomWeight(rows, cols, scale, offset, kMaxAllocBytes));
+    const int64_t n = rows * cols;
+    std::shared_ptr<uint16_t[]> data(new (std::nothrow) uint16_t[n]);
+    if (data == nullptr) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("RandomWeight [", rows, ", ", cols, "]: out of memory"));
+    }
+    const uint64_t key = RandomKey(seed);
+    uint16_t* dst = data.get();
+    pool_.ParallelFor(n, [&](int, int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        dst[i] = F32ToFp16(RandomUniform(key, static_cast<uint64_t>(i), scale, offset));
+      }
+    });
+    const auto* bytes = reinterpret_cast<const uint8_t*>(dst);
+    return CpuTensor::Weight(rows, cols, DType::kF16, cols * 2, bytes, std::move(data));
   }
 
   absl::StatusOr<std::unique_ptr<Tensor>> NewActivation(int64_t rows, int64_t cols) override {
@@ -331,6 +352,17 @@ class CpuBackend : public Backend {
     float* xp = xc->f32();
     const float* yp = yc->f32();
     for (int64_t i = 0; i < n; ++i) xp[i] += yp[i];
+    return absl::OkStatus();
+  }
+
+  absl::Status GatherRows(const Tensor& x, absl::Span<const int64_t> rows, Tensor& out) override {
+    ASSIGN_OR_RETURN(const CpuTensor* xc, AsActivation(x, "GatherRows input"));
+    ASSIGN_OR_RETURN(CpuTensor * o, AsActivation(out, "GatherRows output"));
+    RETURN_IF_ERROR(CheckGatherRows(*xc, rows, *o));
+    const int64_t cols = xc->cols();
+    for (size_t i = 0; i < rows.size(); ++i) {
+      std::copy_n(xc->f32() + rows[i] * cols, cols, o->f32() + i * cols);
+    }
     return absl::OkStatus();
   }
 

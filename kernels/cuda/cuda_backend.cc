@@ -7,10 +7,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <limits>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -19,8 +21,14 @@
 #include "absl/strings/string_view.h"
 #include "kernels/backend_checks.h"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/decode_attention.h"
 #include "kernels/cuda/dequantize.h"
+#include "kernels/cuda/prefill_attention.h"
+#include "kernels/cuda/random_fill.h"
+#include "kernels/cuda/sampling.h"
+#include "kernels/cuda/step_graph.h"
 #include "kernels/quant.h"
+#include "kernels/random_fill.h"
 #include "kernels/status_macros.h"
 
 namespace moa {
@@ -55,13 +63,26 @@ class DeviceBuffer {
     RETURN_IF_ERROR(b->Allocate(bytes, what));
     return b;
   }
+  // Stream-ordered memory from the device's pool, for activations made and dropped every step:
+  // cudaMalloc is slow and cudaFree waits for the whole device, cudaMallocAsync/cudaFreeAsync
+  // neither (the pool keeps freed memory, NewCudaBackend sets its release threshold).
+  static absl::StatusOr<std::unique_ptr<DeviceBuffer>> CreateOnStream(int64_t bytes,
+                                                                      cudaStream_t stream,
+                                                                      absl::string_view what) {
+    auto b = std::make_unique<DeviceBuffer>();
+    b->stream_ = stream;
+    RETURN_IF_ERROR(b->Allocate(bytes, what));
+    return b;
+  }
   absl::Status Allocate(int64_t bytes, absl::string_view what) {
     Free();
     if (bytes < 0 || bytes > kMaxAllocBytes) {
       return absl::ResourceExhaustedError(absl::StrCat(what, ": ", bytes, " bytes is too large"));
     }
-    RETURN_IF_ERROR(CudaError(cudaMalloc(&ptr_, std::max<int64_t>(bytes, 1)),
-                              absl::StrCat(what, ": cudaMalloc of ", bytes, " bytes")));
+    const cudaError_t e = stream_ != nullptr
+                              ? cudaMallocAsync(&ptr_, std::max<int64_t>(bytes, 1), stream_)
+                              : cudaMalloc(&ptr_, std::max<int64_t>(bytes, 1));
+    RETURN_IF_ERROR(CudaError(e, absl::StrCat(what, ": allocating ", bytes, " bytes")));
     bytes_ = bytes;
     return absl::OkStatus();
   }
@@ -70,12 +91,19 @@ class DeviceBuffer {
 
  private:
   void Free() {
-    if (ptr_ != nullptr) cudaFree(ptr_);
+    if (ptr_ != nullptr) {
+      if (stream_ != nullptr) {
+        cudaFreeAsync(ptr_, stream_);
+      } else {
+        cudaFree(ptr_);
+      }
+    }
     ptr_ = nullptr;
     bytes_ = 0;
   }
   void* ptr_ = nullptr;
   int64_t bytes_ = 0;
+  cudaStream_t stream_ = nullptr;  // set: stream-ordered allocation
 };
 
 // A weight: fp16 [rows, cols], or fp32 for one-row weights (norm scales keep full precision);
@@ -84,23 +112,27 @@ class CudaTensor : public Tensor {
  public:
   enum class Kind { kHalfWeight, kFloatWeight, kActivation };
   CudaTensor(int64_t rows, int64_t cols, Kind kind, std::unique_ptr<DeviceBuffer> buf)
-      : rows_(rows), cols_(cols), kind_(kind), buf_(std::move(buf)) {}
+      : rows_(rows), cols_(cols), kind_(kind), buf_(std::move(buf)), data_(buf_->get()) {}
+  // An activation in memory owned by someone else (a replayable step's scratch arena).
+  CudaTensor(int64_t rows, int64_t cols, void* borrowed)
+      : rows_(rows), cols_(cols), kind_(Kind::kActivation), data_(borrowed) {}
   int64_t rows() const override { return rows_; }
   int64_t cols() const override { return cols_; }
   Kind kind() const { return kind_; }
   bool is_activation() const { return kind_ == Kind::kActivation; }
   bool is_half() const { return kind_ == Kind::kHalfWeight; }
-  void* data() const { return buf_->get(); }
-  float* f32() const { return static_cast<float*>(buf_->get()); }
+  void* data() const { return data_; }
+  float* f32() const { return static_cast<float*>(data_); }
 
  private:
   int64_t rows_;
   int64_t cols_;
   Kind kind_;
   std::unique_ptr<DeviceBuffer> buf_;
+  void* data_;
 };
 
-// The CPU backend's layout: all key blocks, then all value blocks.
+// The CPU backend's layout (all key blocks, then all value blocks), in fp16.
 class CudaKvPool : public KvPool {
  public:
   CudaKvPool(int32_t num_blocks, int32_t block_size, int head_dim,
@@ -113,7 +145,7 @@ class CudaKvPool : public KvPool {
   int32_t block_size() const override { return block_size_; }
   int head_dim() const override { return head_dim_; }
   cuda::DevicePool device() const {
-    return {static_cast<float*>(data_->get()), num_blocks_, block_size_, head_dim_};
+    return {static_cast<__half*>(data_->get()), num_blocks_, block_size_, head_dim_};
   }
 
  private:
@@ -122,6 +154,27 @@ class CudaKvPool : public KvPool {
   int head_dim_;
   std::unique_ptr<DeviceBuffer> data_;
 };
+
+// The first key in [from, to) whose block is missing from `table` (no entry, or not a block of
+// the pool), or `to` if every one is there. Runs over every visible block of every head each
+// step, so the usual case (all there) is one branch-free pass the compiler vectorizes.
+int64_t FirstMissingKey(absl::Span<const int32_t> table, int64_t from, int64_t to, int64_t bs,
+                        int32_t num_blocks) {
+  if (from >= to) return to;
+  const int64_t first = from / bs, last = (to - 1) / bs;
+  const int64_t n = static_cast<int64_t>(table.size());
+  const int64_t end = std::min(last + 1, n);
+  const auto missing = [&](int64_t b) {
+    return static_cast<uint32_t>(table[b]) >= static_cast<uint32_t>(num_blocks);
+  };
+  bool any = end < last + 1;
+  for (int64_t b = first; b < end; ++b) any |= missing(b);
+  if (!any) return to;
+  for (int64_t b = first; b <= last; ++b) {
+    if (b >= n || missing(b)) return std::max(from, b * bs);
+  }
+  return to;
+}
 
 absl::StatusOr<const CudaTensor*> AsCuda(const Tensor& t, absl::string_view what) {
   const auto* c = dynamic_cast<const CudaTensor*>(&t);
@@ -171,8 +224,11 @@ class UploadBuffer {
 
 class CudaBackend : public Backend {
  public:
-  CudaBackend(cudaStream_t stream, cublasHandle_t cublas) : stream_(stream), cublas_(cublas) {}
+  CudaBackend(cudaStream_t stream, cublasHandle_t cublas, std::unique_ptr<DeviceBuffer> cublas_ws,
+              const CudaBackendOptions& options)
+      : stream_(stream), cublas_(cublas), cublas_ws_(std::move(cublas_ws)), options_(options) {}
   ~CudaBackend() override {
+    graphs_.Cancel();
     cudaStreamSynchronize(stream_);
     cublasDestroy(cublas_);
     cudaStreamDestroy(stream_);
@@ -181,6 +237,8 @@ class CudaBackend : public Backend {
   std::string_view name() const override { return "cuda"; }
 
   absl::StatusOr<std::unique_ptr<Tensor>> LoadWeight(const HostTensor& t) override;
+  absl::StatusOr<std::unique_ptr<Tensor>> RandomWeight(int64_t rows, int64_t cols, uint64_t seed,
+                                                       float scale, float offset) override;
   absl::StatusOr<std::unique_ptr<Tensor>> NewActivation(int64_t rows, int64_t cols) override {
     if (rows < 0 || cols <= 0 || rows > std::numeric_limits<int64_t>::max() / cols) {
       return absl::InvalidArgumentError(absl::StrCat("activation [", rows, ", ", cols, "]"));
@@ -189,7 +247,12 @@ class CudaBackend : public Backend {
       return absl::ResourceExhaustedError(
           absl::StrCat("activation: ", rows * cols, " floats is too large"));
     }
-    ASSIGN_OR_RETURN(auto buf, DeviceBuffer::Create(rows * cols * 4, "activation"));
+    if (graphs_.in_step()) {
+      ASSIGN_OR_RETURN(void* p, graphs_.Scratch(rows * cols * 4));
+      return std::make_unique<CudaTensor>(rows, cols, p);
+    }
+    ASSIGN_OR_RETURN(auto buf,
+                     DeviceBuffer::CreateOnStream(rows * cols * 4, stream_, "activation"));
     return std::make_unique<CudaTensor>(rows, cols, CudaTensor::Kind::kActivation, std::move(buf));
   }
   absl::Status CopyToHost(const Tensor& t, absl::Span<float> out) override;
@@ -204,21 +267,81 @@ class CudaBackend : public Backend {
   absl::StatusOr<std::unique_ptr<KvPool>> NewKvPool(int32_t num_blocks, int32_t block_size,
                                                     int head_dim) override;
   int64_t KvBlockBytes(int32_t block_size, int head_dim) const override {
-    return int64_t{block_size} * head_dim * 2 * static_cast<int64_t>(sizeof(float));
+    return int64_t{block_size} * head_dim * 2 * static_cast<int64_t>(sizeof(__half));
   }
   absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v,
                          absl::Span<const SequenceSlice> seqs, const AttentionParams& p,
                          KvPool& pool, Tensor& out) override;
+  absl::Status GatherRows(const Tensor& x, absl::Span<const int64_t> rows, Tensor& out) override;
+  absl::Status Sample(const Tensor& logits, absl::Span<const SampleRow> rows,
+                      absl::Span<int32_t> tokens) override;
+  absl::Status BeginStep(int64_t key) override;
+  absl::Status EndStep() override;
+  void CancelStep() override { graphs_.Cancel(); }
+
+  CudaGraphStats graph_stats() const {
+    return {graphs_.captures(), graphs_.replays(), graphs_.keys_without_graph(),
+            graphs_.replay_host_seconds(), graphs_.replay_device_seconds()};
+  }
 
  private:
+  // Per-call host data to the device: staged into a replayable step, else copied through `buf`.
+  template <typename T>
+  absl::StatusOr<const T*> Upload(UploadBuffer& buf, absl::Span<const T> in,
+                                  absl::string_view what) {
+    if (graphs_.in_step()) {
+      ASSIGN_OR_RETURN(void* p, graphs_.Stage(in.data(), in.size() * sizeof(T)));
+      return static_cast<const T*>(p);
+    }
+    return buf.Upload(in, stream_, what);
+  }
+  // In a replayable step: states what an operation's kernels are given (StepGraphs::Record).
+  template <typename T>
+  static uint64_t StepArg(T v) {
+    if constexpr (std::is_pointer_v<T>) {
+      return reinterpret_cast<uintptr_t>(v);
+    } else if constexpr (std::is_floating_point_v<T>) {
+      return std::bit_cast<uint32_t>(static_cast<float>(v));
+    } else {
+      return static_cast<uint64_t>(v);
+    }
+  }
+  template <typename... T>
+  absl::Status StepOp(int op, T... args) {
+    return graphs_.Record({static_cast<uint64_t>(op), StepArg(args)...});
+  }
+  // For operations that cannot be part of a replayable step.
+  absl::Status NotInStep(absl::string_view op) const {
+    if (!graphs_.in_step()) return absl::OkStatus();
+    return absl::FailedPreconditionError(
+        absl::StrCat(op, " inside a replayable step (BeginStep .. EndStep)"));
+  }
+
   cudaStream_t stream_;
   cublasHandle_t cublas_;
+  std::unique_ptr<DeviceBuffer> cublas_ws_;  // fixed, so that cuBLAS calls can be captured
+  CudaBackendOptions options_;
+  cuda::StepGraphs graphs_;
+  struct {
+    int head_dim = 0, group = 0, pairs = 0;
+  } pending_decode_;     // a decode workspace to grow before the next step (pairs > 0)
   DeviceBuffer half_x_;  // MatMul's input converted to fp16
-  // Per-call metadata: Rope's frequencies and positions, Embed's tokens, Attention's tables.
-  UploadBuffer up_a_, up_b_, up_c_, up_d_, up_e_, up_f_, up_g_;
+  // Per-call metadata: Rope's frequencies and positions, Embed's tokens.
+  UploadBuffer up_a_, up_b_;
+  // Attention: per-call metadata packed on the host and uploaded in one copy (the vectors are
+  // kept to reuse their memory), and the decode kernel's configuration and workspace.
+  absl::Status EnsureDecodeWorkspace(int head_dim, int group, int pairs);
+  UploadBuffer attn_meta_;
+  std::vector<uint8_t> attn_host_;
+  std::vector<int32_t> attn_order_;
+  std::vector<int64_t> attn_first_row_;
+  cuda::DecodeAttentionConfig decode_cfg_;
+  DeviceBuffer decode_ws_;
+  cuda::SampleScratch sample_;  // Sample's device memory
 };
 
 absl::StatusOr<std::unique_ptr<Tensor>> CudaBackend::LoadWeight(const HostTensor& t) {
+  RETURN_IF_ERROR(NotInStep("LoadWeight"));
   ASSIGN_OR_RETURN(const WeightLayout w, CheckWeight(t));
   const int64_t rows = w.rows;
   const int64_t cols = w.cols;
@@ -250,7 +373,29 @@ absl::StatusOr<std::unique_ptr<Tensor>> CudaBackend::LoadWeight(const HostTensor
   return std::make_unique<CudaTensor>(rows, cols, CudaTensor::Kind::kHalfWeight, std::move(buf));
 }
 
+// Filled on the device, in LoadWeight's formats: fp16, or fp32 (of the fp16 values) for one row.
+absl::StatusOr<std::unique_ptr<Tensor>> CudaBackend::RandomWeight(int64_t rows, int64_t cols,
+                                                                  uint64_t seed, float scale,
+                                                                  float offset) {
+  RETURN_IF_ERROR(NotInStep("RandomWeight"));
+  RETURN_IF_ERROR(CheckRandomWeight(rows, cols, scale, offset, kMaxAllocBytes));
+  const std::string what = absl::StrCat("RandomWeight [", rows, ", ", cols, "]");
+  if (rows == 1) {
+    ASSIGN_OR_RETURN(auto buf, DeviceBuffer::Create(cols * 4, what));
+    RETURN_IF_ERROR(
+        CudaError(cuda::LaunchRandomFillHalfAsFloat(seed, scale, offset, cols,
+                                                    static_cast<float*>(buf->get()), stream_),
+                  what));
+    return std::make_unique<CudaTensor>(rows, cols, CudaTensor::Kind::kFloatWeight, std::move(buf));
+  }
+  ASSIGN_OR_RETURN(auto buf, DeviceBuffer::Create(rows * cols * 2, what));
+  RETURN_IF_ERROR(CudaError(
+      cuda::LaunchRandomFillHalf(seed, scale, offset, rows * cols, buf->get(), stream_), what));
+  return std::make_unique<CudaTensor>(rows, cols, CudaTensor::Kind::kHalfWeight, std::move(buf));
+}
+
 absl::Status CudaBackend::CopyToHost(const Tensor& t, absl::Span<float> out) {
+  RETURN_IF_ERROR(NotInStep("CopyToHost"));
   ASSIGN_OR_RETURN(const CudaTensor* c, AsCuda(t, "CopyToHost"));
   const int64_t n = c->rows() * c->cols();
   if (static_cast<int64_t>(out.size()) != n) {
@@ -273,6 +418,7 @@ absl::Status CudaBackend::CopyToHost(const Tensor& t, absl::Span<float> out) {
 }
 
 absl::Status CudaBackend::CopyFromHost(absl::Span<const float> in, Tensor& t) {
+  RETURN_IF_ERROR(NotInStep("CopyFromHost"));
   ASSIGN_OR_RETURN(CudaTensor * c, AsActivation(t, "CopyFromHost"));
   if (static_cast<int64_t>(in.size()) != c->rows() * c->cols()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -298,6 +444,7 @@ absl::Status CudaBackend::Embed(const Tensor& table, absl::Span<const int32_t> t
   }
   if (tokens.empty()) return absl::OkStatus();
   if (!tab->is_half()) {  // a one-row table: every token is row 0
+    RETURN_IF_ERROR(NotInStep("Embed of a one-row table"));
     for (size_t i = 0; i < tokens.size(); ++i) {
       RETURN_IF_ERROR(CudaError(cudaMemcpyAsync(o->f32() + i * tab->cols(), tab->data(),
                                                 tab->cols() * 4, cudaMemcpyDeviceToDevice, stream_),
@@ -305,7 +452,9 @@ absl::Status CudaBackend::Embed(const Tensor& table, absl::Span<const int32_t> t
     }
     return absl::OkStatus();
   }
-  ASSIGN_OR_RETURN(const int32_t* d_tokens, up_a_.Upload(tokens, stream_, "Embed tokens"));
+  ASSIGN_OR_RETURN(const int32_t* d_tokens, Upload(up_a_, tokens, "Embed tokens"));
+  RETURN_IF_ERROR(StepOp(1, tab->data(), tab->cols(), d_tokens, tokens.size(), o->data()));
+  if (!graphs_.launching()) return absl::OkStatus();  // a replay: staged only
   return CudaError(cuda::LaunchEmbed(tab->data(), tab->cols(), d_tokens,
                                      static_cast<int64_t>(tokens.size()), o->f32(), stream_),
                    "Embed");
@@ -322,6 +471,8 @@ absl::Status CudaBackend::RmsNorm(const Tensor& x, const Tensor& weight, float e
   if (xc->rows() > std::numeric_limits<int32_t>::max()) {
     return absl::InvalidArgumentError(absl::StrCat("RmsNorm: ", xc->rows(), " rows"));
   }
+  RETURN_IF_ERROR(StepOp(2, xc->data(), wc->data(), xc->rows(), d, eps, o->data()));
+  if (!graphs_.launching()) return absl::OkStatus();  // a replay: staged only
   return CudaError(cuda::LaunchRmsNorm(xc->f32(), wc->f32(), xc->rows(), d, eps, o->f32(), stream_),
                    "RmsNorm");
 }
@@ -350,16 +501,23 @@ absl::Status CudaBackend::MatMul(const Tensor& x, const Tensor& w, Tensor& out) 
   cudaDataType_t ab_type = CUDA_R_32F;
   if (wc->is_half()) {
     const int64_t bytes = t_rows * k * 2;
-    if (bytes > half_x_.bytes()) {
+    if (graphs_.in_step()) {
+      ASSIGN_OR_RETURN(void* scratch, graphs_.Scratch(bytes));
+      b = scratch;
+    } else if (bytes > half_x_.bytes()) {
       RETURN_IF_ERROR(CudaError(cudaStreamSynchronize(stream_), "MatMul"));
       RETURN_IF_ERROR(half_x_.Allocate(std::max(bytes, 2 * half_x_.bytes()), "MatMul scratch"));
     }
-    RETURN_IF_ERROR(
-        CudaError(cuda::LaunchFloatToHalf(xc->f32(), t_rows * k, half_x_.get(), stream_),
-                  "MatMul input to fp16"));
-    b = half_x_.get();
+    if (!graphs_.in_step()) b = half_x_.get();
     ab_type = CUDA_R_16F;
+    if (graphs_.launching()) {
+      RETURN_IF_ERROR(
+          CudaError(cuda::LaunchFloatToHalf(xc->f32(), t_rows * k, const_cast<void*>(b), stream_),
+                    "MatMul input to fp16"));
+    }
   }
+  RETURN_IF_ERROR(StepOp(3, xc->data(), wc->data(), b, o->data(), t_rows, k, n, ab_type));
+  if (!graphs_.launching()) return absl::OkStatus();  // a replay: staged only
   const float alpha = 1.0f, beta = 0.0f;
   return CublasError(
       cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(t_rows),
@@ -388,8 +546,11 @@ absl::Status CudaBackend::Rope(Tensor& x, int n_heads, int head_dim,
   if (positions.empty()) return absl::OkStatus();
   const int step = layout == RopeLayout::kHalfSplit ? 1 : 2;
   const int partner = layout == RopeLayout::kHalfSplit ? half : 1;
-  ASSIGN_OR_RETURN(const float* d_freq, up_a_.Upload(inv_freq, stream_, "Rope frequencies"));
-  ASSIGN_OR_RETURN(const int32_t* d_pos, up_b_.Upload(positions, stream_, "Rope positions"));
+  ASSIGN_OR_RETURN(const float* d_freq, Upload(up_a_, inv_freq, "Rope frequencies"));
+  ASSIGN_OR_RETURN(const int32_t* d_pos, Upload(up_b_, positions, "Rope positions"));
+  RETURN_IF_ERROR(
+      StepOp(4, xc->data(), xc->rows(), n_heads, head_dim, d_freq, d_pos, step, partner));
+  if (!graphs_.launching()) return absl::OkStatus();  // a replay: staged only
   return CudaError(cuda::LaunchRope(xc->f32(), xc->rows(), n_heads, head_dim, d_freq, d_pos, step,
                                     partner, stream_),
                    "Rope");
@@ -401,6 +562,8 @@ absl::Status CudaBackend::SwiGlu(const Tensor& gate, const Tensor& up, Tensor& o
   ASSIGN_OR_RETURN(CudaTensor * o, AsActivation(out, "SwiGlu output"));
   RETURN_IF_ERROR(CheckShape(*u, g->rows(), g->cols(), "SwiGlu up"));
   RETURN_IF_ERROR(CheckShape(*o, g->rows(), g->cols(), "SwiGlu output"));
+  RETURN_IF_ERROR(StepOp(5, g->data(), u->data(), o->data(), g->rows() * g->cols()));
+  if (!graphs_.launching()) return absl::OkStatus();  // a replay: staged only
   return CudaError(cuda::LaunchSwiGlu(g->f32(), u->f32(), g->rows() * g->cols(), o->f32(), stream_),
                    "SwiGlu");
 }
@@ -409,22 +572,26 @@ absl::Status CudaBackend::Add(Tensor& x, const Tensor& y) {
   ASSIGN_OR_RETURN(CudaTensor * xc, AsActivation(x, "Add x"));
   ASSIGN_OR_RETURN(const CudaTensor* yc, AsActivation(y, "Add y"));
   RETURN_IF_ERROR(CheckShape(*yc, xc->rows(), xc->cols(), "Add y"));
+  RETURN_IF_ERROR(StepOp(6, xc->data(), yc->data(), xc->rows() * xc->cols()));
+  if (!graphs_.launching()) return absl::OkStatus();  // a replay: staged only
   return CudaError(cuda::LaunchAdd(xc->f32(), yc->f32(), xc->rows() * xc->cols(), stream_), "Add");
 }
 
 absl::StatusOr<std::unique_ptr<KvPool>> CudaBackend::NewKvPool(int32_t num_blocks,
                                                                int32_t block_size, int head_dim) {
+  RETURN_IF_ERROR(NotInStep("NewKvPool"));
   if (num_blocks <= 0 || block_size <= 0 || head_dim <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("KV pool: ", num_blocks, " blocks of ", block_size, " x ", head_dim));
   }
   const int64_t per_block = int64_t{block_size} * head_dim * 2;
-  if (num_blocks > kMaxAllocBytes / static_cast<int64_t>(sizeof(float)) / per_block) {
+  if (num_blocks > kMaxAllocBytes / static_cast<int64_t>(sizeof(__half)) / per_block) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("KV pool of ", num_blocks, " blocks of ", per_block, " floats is too large"));
+        absl::StrCat("KV pool of ", num_blocks, " blocks of ", per_block, " halves is too large"));
   }
   // Not zeroed: only positions that were written are ever read.
-  ASSIGN_OR_RETURN(auto data, DeviceBuffer::Create(per_block * num_blocks * 4, "KV pool"));
+  ASSIGN_OR_RETURN(
+      auto data, DeviceBuffer::Create(per_block * num_blocks * int64_t{sizeof(__half)}, "KV pool"));
   return std::make_unique<CudaKvPool>(num_blocks, block_size, head_dim, std::move(data));
 }
 
@@ -439,9 +606,10 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
   if (kv == nullptr) return absl::InvalidArgumentError("Attention: not a CUDA KV pool");
   RETURN_IF_ERROR(CheckAttentionArgs(*qc, *kc, *vc, *oc, p, kv->head_dim()));
   const int hd = p.head_dim;
+  const int n_kv = p.n_kv_heads;
   const int64_t rows = qc->rows();
   // Limits of this kernel, not of the interface.
-  const int group = p.n_heads / p.n_kv_heads;
+  const int group = p.n_heads / n_kv;
   if (hd > 256) {
     return absl::UnimplementedError(
         absl::StrCat("Attention: head_dim ", hd, " (the CUDA kernel takes up to 256)"));
@@ -460,9 +628,6 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
   };
 
   // Validate every slice, and every block the new rows go to, before writing anything.
-  std::vector<int32_t> row_pos(rows), row_seq(rows);
-  std::vector<int64_t> table_begin;
-  std::vector<int32_t> table_len, table_data;
   std::vector<std::pair<int32_t, size_t>> written;  // (block, slice)
   int64_t total = 0;
   for (size_t index = 0; index < seqs.size(); ++index) {
@@ -471,10 +636,10 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
       return absl::OutOfRangeError(
           absl::StrCat("Attention: sequence ", index, ": positions ", s.past, " + ", s.n_new));
     }
-    if (static_cast<int>(s.block_tables.size()) != p.n_kv_heads) {
+    if (static_cast<int>(s.block_tables.size()) != n_kv) {
       return absl::InvalidArgumentError(absl::StrCat("Attention: sequence ", index, ": ",
                                                      s.block_tables.size(), " block tables for ",
-                                                     p.n_kv_heads, " kv heads"));
+                                                     n_kv, " kv heads"));
     }
     if (s.n_new > rows - total) {
       return absl::InvalidArgumentError(
@@ -485,7 +650,7 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
                                                 s.past, " + ", s.n_new, " (the CUDA kernels ",
                                                 "take 32-bit positions)"));
     }
-    for (int h = 0; h < p.n_kv_heads; ++h) {
+    for (int h = 0; h < n_kv; ++h) {
       for (int64_t pos = s.past; pos < s.past + s.n_new; pos += bs - pos % bs) {
         const int32_t id = block_of(s.block_tables[h], pos);
         if (id < 0) {
@@ -495,15 +660,6 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
         }
         written.emplace_back(id, index);
       }
-      table_begin.push_back(static_cast<int64_t>(table_data.size()));
-      table_len.push_back(static_cast<int32_t>(
-          std::min<size_t>(s.block_tables[h].size(), std::numeric_limits<int32_t>::max())));
-      table_data.insert(table_data.end(), s.block_tables[h].begin(),
-                        s.block_tables[h].begin() + table_len.back());
-    }
-    for (int64_t i = 0; i < s.n_new; ++i) {
-      row_pos[total + i] = static_cast<int32_t>(s.past + i);
-      row_seq[total + i] = static_cast<int32_t>(index);
     }
     total += s.n_new;
   }
@@ -519,59 +675,355 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
     }
   }
 
-  // Each (row, head)'s visible keys, and a check that every block they live in is there (the
-  // kernel reads only through blocks checked here).
-  std::vector<int32_t> sink_end(rows * p.n_kv_heads), win_begin(rows * p.n_kv_heads);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t pos = row_pos[r];
-    const SequenceSlice& s = seqs[row_seq[r]];
-    for (int h = 0; h < p.n_kv_heads; ++h) {
-      VisibleKeys vis{0, 0};
-      if (!p.rules.empty()) vis = VisibleKeysAt(p.rules[h], p.span, pos);
-      const int64_t se = vis.sink_end;
-      const int64_t wb = std::max(vis.window_begin, se);
-      sink_end[r * p.n_kv_heads + h] = static_cast<int32_t>(se);
-      win_begin[r * p.n_kv_heads + h] = static_cast<int32_t>(wb);
-      for (const auto& [from, to] : {std::pair{int64_t{0}, se}, std::pair{wb, pos + 1}}) {
-        for (int64_t kp = from; kp < to; kp += bs - kp % bs) {
-          if (block_of(s.block_tables[h], kp) < 0) {
-            return absl::InternalError(
-                absl::StrCat("Attention: layer ", p.layer, " sequence ", row_seq[r], " kv head ", h,
-                             ": no KV block for visible key ", kp, " of the query at ", pos));
+  // The blocks of every visible key, checked once per (sequence, KV head): windows only move
+  // right, so the keys all rows of a sequence see are [0, sink_end of its last row) and
+  // [window begin of its first row, last position]. The kernels read only through blocks checked
+  // here. The error names the first query (then the lowest head) that sees a missing block, and
+  // the first missing key it sees: max(past, key) is that query.
+  const auto visible = [&](int h, int64_t pos) {
+    VisibleKeys vis{0, 0};
+    if (!p.rules.empty()) vis = VisibleKeysAt(p.rules[h], p.span, pos);
+    vis.window_begin = std::max(vis.window_begin, vis.sink_end);
+    return vis;
+  };
+  for (size_t index = 0; index < seqs.size(); ++index) {
+    const SequenceSlice& s = seqs[index];
+    if (s.n_new == 0) continue;
+    const int64_t last = s.past + s.n_new - 1;
+    int64_t bad_query = std::numeric_limits<int64_t>::max(), bad_key = 0;
+    int bad_head = -1;
+    for (int h = 0; h < n_kv; ++h) {
+      const int64_t sink_end = visible(h, last).sink_end;
+      const int64_t win_begin = visible(h, s.past).window_begin;
+      for (const auto& [from, to] :
+           {std::pair{int64_t{0}, sink_end}, std::pair{win_begin, last + 1}}) {
+        const int64_t kp = FirstMissingKey(s.block_tables[h], from, to, bs, num_blocks);
+        if (kp < to) {
+          if (std::max(s.past, kp) < bad_query) {
+            bad_query = std::max(s.past, kp);
+            bad_key = kp;
+            bad_head = h;
           }
+          break;
         }
       }
+    }
+    if (bad_head >= 0) {
+      return absl::InternalError(absl::StrCat("Attention: layer ", p.layer, " sequence ", index,
+                                              " kv head ", bad_head, ": no KV block for visible ",
+                                              "key ", bad_key, " of the query at ", bad_query));
     }
   }
   if (rows == 0) return absl::OkStatus();
 
-  cuda::DeviceAttention a{};
-  a.q = qc->f32();
-  a.k = kc->f32();
-  a.v = vc->f32();
-  a.out = oc->f32();
-  a.rows = rows;
-  a.n_heads = p.n_heads;
-  a.n_kv_heads = p.n_kv_heads;
-  a.scale = p.scale;
-  ASSIGN_OR_RETURN(a.row_pos, up_a_.Upload<int32_t>(row_pos, stream_, "Attention positions"));
-  ASSIGN_OR_RETURN(a.row_seq, up_b_.Upload<int32_t>(row_seq, stream_, "Attention rows"));
-  ASSIGN_OR_RETURN(a.table_begin,
-                   up_c_.Upload<int64_t>(table_begin, stream_, "Attention block tables"));
-  ASSIGN_OR_RETURN(a.table_len,
-                   up_d_.Upload<int32_t>(table_len, stream_, "Attention block tables"));
-  ASSIGN_OR_RETURN(a.table_data,
-                   up_e_.Upload<int32_t>(table_data, stream_, "Attention block tables"));
-  ASSIGN_OR_RETURN(a.sink_end, up_f_.Upload<int32_t>(sink_end, stream_, "Attention spans"));
-  ASSIGN_OR_RETURN(a.win_begin, up_g_.Upload<int32_t>(win_begin, stream_, "Attention spans"));
+  // Sequences of one new token go to the decode kernel where it has an instance for this shape;
+  // the others (prefill, chunks) to the general one. Decode sequences are numbered first.
+  const bool decode_kernel = cuda::DecodeAttentionSupports(hd, group);
+  std::vector<int32_t>& order = attn_order_;  // sequence indices, decode first
+  order.clear();
+  int32_t max_n_new = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    if (seqs[i].n_new == 1 && decode_kernel) order.push_back(static_cast<int32_t>(i));
+  }
+  const int n_dec = static_cast<int>(order.size());
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    if (seqs[i].n_new > 0 && !(seqs[i].n_new == 1 && decode_kernel)) {
+      order.push_back(static_cast<int32_t>(i));
+      max_n_new = std::max<int32_t>(max_n_new, static_cast<int32_t>(seqs[i].n_new));
+    }
+  }
+  const int n_all = static_cast<int>(order.size());
+  const int n_pf = n_all - n_dec;
+  const int64_t pairs = int64_t{n_all} * n_kv;
+  int64_t entries = 0;
+  for (int32_t i : order) {
+    for (const auto& t : seqs[i].block_tables) {
+      entries +=
+          std::min<int64_t>(static_cast<int64_t>(t.size()), std::numeric_limits<int32_t>::max());
+    }
+  }
+
+  // Everything the kernels need in one buffer, one copy: 8-byte aligned sections.
+  int64_t size = 0;
+  const auto section = [&size](int64_t bytes) {
+    const int64_t at = size;
+    size += (bytes + 7) / 8 * 8;
+    return at;
+  };
+  const int64_t o_begin = section(pairs * 8);
+  const int64_t o_rules = section(int64_t{n_pf} * n_kv * sizeof(cuda::DeviceSpanRule));
+  const int64_t o_len = section(pairs * 4);
+  const int64_t o_row_pos = section(rows * 4);
+  const int64_t o_row_seq = section(rows * 4);
+  const int64_t o_dec_row = section(int64_t{n_dec} * 4);
+  const int64_t o_dec_len = section(int64_t{n_dec} * 4);
+  const int64_t o_dec_sink = section(int64_t{n_dec} * n_kv * 4);
+  const int64_t o_dec_win = section(int64_t{n_dec} * n_kv * 4);
+  const int64_t o_pf_row = section(int64_t{n_pf} * 4);
+  const int64_t o_pf_new = section(int64_t{n_pf} * 4);
+  const int64_t o_pf_past = section(int64_t{n_pf} * 4);
+  const int64_t o_data = section(entries * 4);
+  // Packed straight into a replayable step's staging memory, else into attn_host_ and uploaded.
+  uint8_t* base = nullptr;
+  const uint8_t* dev = nullptr;
+  if (graphs_.in_step()) {
+    ASSIGN_OR_RETURN(auto room, graphs_.Reserve(size));
+    base = static_cast<uint8_t*>(room.first);
+    dev = static_cast<const uint8_t*>(room.second);
+  } else {
+    attn_host_.resize(size);
+    base = attn_host_.data();
+  }
+  const auto at = [base](int64_t off, auto* type) {
+    return reinterpret_cast<std::remove_pointer_t<decltype(type)>*>(base + off);
+  };
+  int64_t* table_begin = at(o_begin, static_cast<int64_t*>(nullptr));
+  int32_t* table_len = at(o_len, static_cast<int32_t*>(nullptr));
+  int32_t* table_data = at(o_data, static_cast<int32_t*>(nullptr));
+  int32_t* row_pos = at(o_row_pos, static_cast<int32_t*>(nullptr));
+  int32_t* row_seq = at(o_row_seq, static_cast<int32_t*>(nullptr));
+  std::vector<int64_t>& first_row = attn_first_row_;  // row of each sequence's first token
+  first_row.resize(seqs.size());
+  for (size_t i = 0, r = 0; i < seqs.size(); r += seqs[i].n_new, ++i) first_row[i] = r;
+  int64_t next = 0;
+  for (int c = 0; c < n_all; ++c) {
+    const SequenceSlice& s = seqs[order[c]];
+    for (int h = 0; h < n_kv; ++h) {
+      const int64_t len = std::min<int64_t>(static_cast<int64_t>(s.block_tables[h].size()),
+                                            std::numeric_limits<int32_t>::max());
+      table_begin[int64_t{c} * n_kv + h] = next;
+      table_len[int64_t{c} * n_kv + h] = static_cast<int32_t>(len);
+      std::copy_n(s.block_tables[h].begin(), len, table_data + next);
+      next += len;
+    }
+    for (int64_t i = 0; i < s.n_new; ++i) {
+      row_pos[first_row[order[c]] + i] = static_cast<int32_t>(s.past + i);
+      row_seq[first_row[order[c]] + i] = c;
+    }
+  }
+  int32_t* dec_row = at(o_dec_row, static_cast<int32_t*>(nullptr));
+  int32_t* dec_len = at(o_dec_len, static_cast<int32_t*>(nullptr));
+  int32_t* dec_sink = at(o_dec_sink, static_cast<int32_t*>(nullptr));
+  int32_t* dec_win = at(o_dec_win, static_cast<int32_t*>(nullptr));
+  for (int c = 0; c < n_dec; ++c) {
+    const SequenceSlice& s = seqs[order[c]];
+    dec_row[c] = static_cast<int32_t>(first_row[order[c]]);
+    dec_len[c] = static_cast<int32_t>(s.past + 1);
+    for (int h = 0; h < n_kv; ++h) {
+      const VisibleKeys vis = visible(h, s.past);
+      dec_sink[int64_t{c} * n_kv + h] = static_cast<int32_t>(vis.sink_end);
+      dec_win[int64_t{c} * n_kv + h] = static_cast<int32_t>(vis.window_begin);
+    }
+  }
+  const auto clamp32 = [](int64_t x) {
+    return static_cast<int32_t>(std::clamp<int64_t>(x, std::numeric_limits<int32_t>::min(),
+                                                    std::numeric_limits<int32_t>::max()));
+  };
+  auto* rules = at(o_rules, static_cast<cuda::DeviceSpanRule*>(nullptr));
+  int32_t* pf_row = at(o_pf_row, static_cast<int32_t*>(nullptr));
+  int32_t* pf_new = at(o_pf_new, static_cast<int32_t*>(nullptr));
+  int32_t* pf_past = at(o_pf_past, static_cast<int32_t*>(nullptr));
+  for (int c = 0; c < n_pf; ++c) {
+    const SequenceSlice& s = seqs[order[n_dec + c]];
+    pf_row[c] = static_cast<int32_t>(first_row[order[n_dec + c]]);
+    pf_new[c] = static_cast<int32_t>(s.n_new);
+    pf_past[c] = static_cast<int32_t>(s.past);
+    for (int h = 0; h < n_kv; ++h) {
+      cuda::DeviceSpanRule& r = rules[int64_t{c} * n_kv + h];
+      r = {};
+      r.dense = p.rules.empty() || p.rules[h].dense ? 1 : 0;
+      if (r.dense) continue;
+      // SpanTokens' terms (kernels/attention_span.h); clamping to 32 bits changes no window, as
+      // positions are 32-bit.
+      const double blocks =
+          std::floor(static_cast<double>(p.rules[h].alpha) / static_cast<double>(p.span.block));
+      r.alpha_tokens = clamp32(p.span.block * static_cast<int64_t>(blocks));
+      r.beta = p.rules[h].beta;
+      r.min_span = clamp32(p.span.sink + p.span.block);
+    }
+  }
+
+  if (!graphs_.in_step()) {
+    ASSIGN_OR_RETURN(dev, attn_meta_.Upload<uint8_t>(absl::MakeConstSpan(base, size), stream_,
+                                                     "Attention metadata"));
+  }
+  const auto dev_at = [dev](int64_t off, auto* type) {
+    return reinterpret_cast<std::remove_pointer_t<decltype(type)>*>(dev + off);
+  };
+  const auto* d_begin = dev_at(o_begin, static_cast<const int64_t*>(nullptr));
+  const auto* d_len = dev_at(o_len, static_cast<const int32_t*>(nullptr));
+  const auto* d_data = dev_at(o_data, static_cast<const int32_t*>(nullptr));
+  const cuda::DevicePool dpool = kv->device();
+  if (n_dec > 0) RETURN_IF_ERROR(EnsureDecodeWorkspace(hd, group, n_dec * n_kv));
+  RETURN_IF_ERROR(StepOp(7, qc->data(), kc->data(), vc->data(), oc->data(), dpool.data,
+                         dpool.num_blocks, dpool.block_size, hd, p.n_heads, n_kv, p.scale,
+                         p.span.sink, rows, n_dec, n_pf, max_n_new, dev, decode_ws_.get(),
+                         decode_cfg_.grid));
+  if (!graphs_.launching()) return absl::OkStatus();  // a replay: staged only
+
   // Keys and values first: each new row attends to the earlier new rows (same stream: ordered).
-  RETURN_IF_ERROR(CudaError(cuda::LaunchKvWrite(a, kv->device(), stream_), "Attention KV write"));
-  return CudaError(cuda::LaunchAttention(a, kv->device(), stream_), "Attention");
+  cuda::DeviceAttention w{};
+  w.k = kc->f32();
+  w.v = vc->f32();
+  w.rows = rows;
+  w.n_kv_heads = n_kv;
+  w.row_pos = dev_at(o_row_pos, static_cast<const int32_t*>(nullptr));
+  w.row_seq = dev_at(o_row_seq, static_cast<const int32_t*>(nullptr));
+  w.table_begin = d_begin;
+  w.table_len = d_len;
+  w.table_data = d_data;
+  RETURN_IF_ERROR(CudaError(cuda::LaunchKvWrite(w, dpool, stream_), "Attention KV write"));
+
+  if (n_dec > 0) {
+    cuda::DecodeAttentionArgs d{};
+    d.q = qc->f32();
+    d.out = oc->f32();
+    d.n_seqs = n_dec;
+    d.n_heads = p.n_heads;
+    d.n_kv_heads = n_kv;
+    d.scale = p.scale;
+    d.row = dev_at(o_dec_row, static_cast<const int32_t*>(nullptr));
+    d.table_begin = d_begin;
+    d.table_len = d_len;
+    d.table_data = d_data;
+    d.sink_end = dev_at(o_dec_sink, static_cast<const int32_t*>(nullptr));
+    d.win_begin = dev_at(o_dec_win, static_cast<const int32_t*>(nullptr));
+    d.seq_len = dev_at(o_dec_len, static_cast<const int32_t*>(nullptr));
+    RETURN_IF_ERROR(
+        CudaError(cuda::LaunchDecodeAttention(d, dpool, decode_cfg_, decode_ws_.get(), stream_),
+                  "Attention (decode)"));
+  }
+  if (n_pf == 0) return absl::OkStatus();
+  cuda::PrefillAttentionArgs a{};
+  a.q = qc->f32();
+  a.out = oc->f32();
+  a.n_heads = p.n_heads;
+  a.n_kv_heads = n_kv;
+  a.head_dim = hd;
+  a.scale = p.scale;
+  a.sink = clamp32(p.span.sink);
+  a.n_seqs = n_pf;
+  a.q_row = dev_at(o_pf_row, static_cast<const int32_t*>(nullptr));
+  a.n_new = dev_at(o_pf_new, static_cast<const int32_t*>(nullptr));
+  a.past = dev_at(o_pf_past, static_cast<const int32_t*>(nullptr));
+  a.max_n_new = max_n_new;
+  a.table_begin = d_begin + int64_t{n_dec} * n_kv;
+  a.table_len = d_len + int64_t{n_dec} * n_kv;
+  a.table_data = d_data;
+  a.rules = dev_at(o_rules, static_cast<const cuda::DeviceSpanRule*>(nullptr));
+  // The flash kernel where it has an instance (every head_dim Llama models use), else the
+  // general one-block-per-row kernel.
+  if (cuda::PrefillAttentionSupports(hd, group)) {
+    return CudaError(cuda::LaunchPrefillAttention(a, dpool, stream_), "Attention (prefill)");
+  }
+  return CudaError(cuda::LaunchAttention(a, dpool, stream_), "Attention");
+}
+
+absl::Status CudaBackend::BeginStep(int64_t key) {
+  if (!options_.graphs) return absl::OkStatus();
+  if (pending_decode_.pairs > 0) {
+    RETURN_IF_ERROR(EnsureDecodeWorkspace(pending_decode_.head_dim, pending_decode_.group,
+                                          pending_decode_.pairs));
+    pending_decode_ = {};
+    graphs_.Reset();  // they point at the old workspace
+  }
+  return graphs_.Begin(key, stream_);
+}
+
+absl::Status CudaBackend::EndStep() {
+  if (!graphs_.in_step()) return absl::OkStatus();
+  return graphs_.End();
+}
+
+absl::Status CudaBackend::EnsureDecodeWorkspace(int head_dim, int group, int pairs) {
+  if (decode_cfg_.head_dim == head_dim && decode_cfg_.group == group &&
+      decode_cfg_.max_pairs >= pairs) {
+    return absl::OkStatus();
+  }
+  if (graphs_.in_step()) {
+    // Allocating would break a capture and move memory that graphs point to: grow before the
+    // next step instead (BeginStep), and have this one run again.
+    pending_decode_ = {head_dim, group, pairs};
+    return absl::AbortedError("decode attention workspace outgrown; run the step again");
+  }
+  // Room for twice as many pairs as seen (at least 256), so that a growing batch rarely
+  // reallocates; the old workspace may still be in use by queued kernels.
+  int max_pairs = 256;
+  while (max_pairs < pairs) max_pairs *= 2;
+  if (decode_cfg_.head_dim == head_dim && decode_cfg_.group == group) {
+    max_pairs = std::max(max_pairs, 2 * decode_cfg_.max_pairs);
+  }
+  cuda::DecodeAttentionConfig cfg;
+  RETURN_IF_ERROR(CudaError(cuda::GetDecodeAttentionConfig(head_dim, group, max_pairs, &cfg),
+                            "decode attention config"));
+  RETURN_IF_ERROR(CudaError(cudaStreamSynchronize(stream_), "decode attention workspace"));
+  decode_cfg_ = {};
+  RETURN_IF_ERROR(decode_ws_.Allocate(cfg.workspace_bytes, "decode attention workspace"));
+  RETURN_IF_ERROR(CudaError(cuda::InitDecodeAttentionWorkspace(cfg, decode_ws_.get(), stream_),
+                            "decode attention workspace"));
+  decode_cfg_ = cfg;
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Sample(const Tensor& logits, absl::Span<const SampleRow> rows,
+                                 absl::Span<int32_t> tokens) {
+  RETURN_IF_ERROR(NotInStep("Sample"));
+  ASSIGN_OR_RETURN(const CudaTensor* lc, AsActivation(logits, "Sample logits"));
+  const int64_t vocab = lc->cols();
+  RETURN_IF_ERROR(CheckSampleArgs(lc->rows(), vocab, rows, tokens.size()));
+  if (lc->rows() > std::numeric_limits<int>::max() / vocab) {
+    return absl::UnimplementedError(absl::StrCat("Sample: logits [", lc->rows(), ", ", vocab,
+                                                 "] (the device sort takes 2^31 entries)"));
+  }
+  std::vector<cuda::DeviceSampleRow> dev(rows.size());
+  std::vector<int32_t> pen_ids, pen_counts;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const SamplingParams& p = rows[i].params;
+    dev[i] = {rows[i].u,
+              p.temperature,
+              p.top_p,
+              p.min_p,
+              p.repetition_penalty,
+              p.presence_penalty,
+              p.frequency_penalty,
+              p.top_k,
+              static_cast<int32_t>(rows[i].penalty_ids.size()),
+              static_cast<int64_t>(pen_ids.size())};
+    pen_ids.insert(pen_ids.end(), rows[i].penalty_ids.begin(), rows[i].penalty_ids.end());
+    pen_counts.insert(pen_counts.end(), rows[i].penalty_counts.begin(),
+                      rows[i].penalty_counts.end());
+  }
+  return CudaError(
+      cuda::SampleRows(lc->f32(), lc->rows(), vocab, dev.data(), pen_ids.data(), pen_counts.data(),
+                       static_cast<int64_t>(pen_ids.size()), tokens.data(), &sample_, stream_),
+      "Sample");
+}
+
+// A few rows (the last of each prompt): one device-to-device copy each.
+absl::Status CudaBackend::GatherRows(const Tensor& x, absl::Span<const int64_t> rows, Tensor& out) {
+  ASSIGN_OR_RETURN(const CudaTensor* xc, AsActivation(x, "GatherRows input"));
+  ASSIGN_OR_RETURN(CudaTensor * o, AsActivation(out, "GatherRows output"));
+  RETURN_IF_ERROR(CheckGatherRows(*xc, rows, *o));
+  RETURN_IF_ERROR(NotInStep("GatherRows"));
+  const int64_t cols = xc->cols();
+  for (size_t i = 0; i < rows.size(); ++i) {
+    RETURN_IF_ERROR(
+        CudaError(cudaMemcpyAsync(o->f32() + i * cols, xc->f32() + rows[i] * cols,
+                                  cols * sizeof(float), cudaMemcpyDeviceToDevice, stream_),
+                  "GatherRows"));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(int device) {
+CudaGraphStats GetCudaGraphStats(const Backend& backend) {
+  const auto* cuda = dynamic_cast<const CudaBackend*>(&backend);
+  return cuda != nullptr ? cuda->graph_stats() : CudaGraphStats{};
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(int device,
+                                                        const CudaBackendOptions& options) {
   int count = 0;
   RETURN_IF_ERROR(CudaError(cudaGetDeviceCount(&count), "cudaGetDeviceCount"));
   if (device < 0 || device >= count) {
@@ -579,6 +1031,12 @@ absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(int device) {
         absl::StrCat("CUDA device ", device, " requested, ", count, " present"));
   }
   RETURN_IF_ERROR(CudaError(cudaSetDevice(device), absl::StrCat("cudaSetDevice(", device, ")")));
+  // Activations come from the device's stream-ordered pool: keep what is freed for reuse.
+  cudaMemPool_t mem_pool = nullptr;
+  RETURN_IF_ERROR(CudaError(cudaDeviceGetDefaultMemPool(&mem_pool, device), "memory pool"));
+  uint64_t keep = std::numeric_limits<uint64_t>::max();
+  RETURN_IF_ERROR(CudaError(
+      cudaMemPoolSetAttribute(mem_pool, cudaMemPoolAttrReleaseThreshold, &keep), "memory pool"));
   cudaStream_t stream = nullptr;
   RETURN_IF_ERROR(
       CudaError(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate"));
@@ -587,12 +1045,22 @@ absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(int device) {
     cudaStreamDestroy(stream);
     return s;
   }
-  if (absl::Status s = CublasError(cublasSetStream(cublas, stream), "cublasSetStream"); !s.ok()) {
+  // A workspace of its own: without one cuBLAS allocates while a step is being captured.
+  constexpr int64_t kCublasWorkspace = 32 << 20;
+  absl::StatusOr<std::unique_ptr<DeviceBuffer>> ws =
+      DeviceBuffer::Create(kCublasWorkspace, "cuBLAS workspace");
+  absl::Status s = ws.status();
+  if (s.ok()) s = CublasError(cublasSetStream(cublas, stream), "cublasSetStream");
+  if (s.ok()) {
+    s = CublasError(cublasSetWorkspace(cublas, (*ws)->get(), kCublasWorkspace),
+                    "cublasSetWorkspace");
+  }
+  if (!s.ok()) {
     cublasDestroy(cublas);
     cudaStreamDestroy(stream);
     return s;
   }
-  return std::make_unique<CudaBackend>(stream, cublas);
+  return std::make_unique<CudaBackend>(stream, cublas, *std::move(ws), options);
 }
 
 }  // namespace moa

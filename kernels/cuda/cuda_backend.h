@@ -1,8 +1,10 @@
 // The CUDA backend: weights dequantized to fp16 on the device at load (one-row weights such as
 // norm scales stay fp32), fp32 activations in device memory, MatMul through cuBLAS (fp16 inputs,
-// fp32 accumulation), the KV pool in device memory with the CPU backend's block layout.
+// fp32 accumulation), the KV pool in device memory in fp16 with the CPU backend's block layout,
+// replayable steps as CUDA graphs (kernels/cuda/step_graph.h).
 #pragma once
 
+#include <cstdint>
 #include <memory>
 
 #include "absl/status/statusor.h"
@@ -10,8 +12,24 @@
 
 namespace moa {
 
+struct CudaBackendOptions {
+  bool graphs = true;  // replay decode steps from CUDA graphs (Backend::BeginStep)
+};
+
 // A backend on CUDA device `device`; an error if there is no such device or CUDA/cuBLAS cannot
 // start on it.
-absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(int device);
+absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(int device,
+                                                        const CudaBackendOptions& options = {});
+
+// Steps captured into graphs and steps replayed from them so far (zeros for other backends).
+struct CudaGraphStats {
+  int64_t captures = 0;
+  int64_t replays = 0;
+  int64_t keys_without_graph = 0;  // batch sizes whose staging took too long for graphs to pay
+  // Of the replays: host time spent preparing them (staging inputs) and device time running them.
+  double replay_host_seconds = 0;
+  double replay_device_seconds = 0;
+};
+CudaGraphStats GetCudaGraphStats(const Backend& backend);
 
 }  // namespace moa

@@ -6,18 +6,11 @@
 #include <cmath>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/grid.h"
+#include "kernels/cuda/prefill_attention.h"
 
 namespace moa::cuda {
 namespace {
-
-constexpr int kThreads = 256;
-// Grid-stride loops cap the grid here; more blocks would only queue.
-constexpr int64_t kMaxBlocks = int64_t{1} << 16;
-
-unsigned GridFor(int64_t n) {
-  return static_cast<unsigned>(
-      std::max<int64_t>(1, std::min(kMaxBlocks, (n + kThreads - 1) / kThreads)));
-}
 
 __device__ int64_t GlobalIndex() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -83,7 +76,8 @@ __global__ void AddKernel(float* x, const float* y, int64_t n) {
 
 // The pool block of position `pos` in table t, or -1 (the host checked every block it uses; this
 // only keeps a bad table from reading or writing outside the pool).
-__device__ int32_t BlockOf(const DeviceAttention& a, const DevicePool& p, int64_t t, int64_t pos) {
+template <typename Args>
+__device__ int32_t BlockOf(const Args& a, const DevicePool& p, int64_t t, int64_t pos) {
   const int64_t b = pos / p.block_size;
   if (b >= a.table_len[t]) return -1;
   const int32_t id = a.table_data[a.table_begin[t] + b];
@@ -102,9 +96,9 @@ __global__ void KvWriteKernel(DeviceAttention a, DevicePool p) {
     const int64_t pos = a.row_pos[r];
     const int32_t id = BlockOf(a, p, static_cast<int64_t>(a.row_seq[r]) * a.n_kv_heads + h, pos);
     if (id < 0) continue;
-    float* key = p.data + (static_cast<int64_t>(id) * p.block_size + pos % p.block_size) * hd + d;
-    key[0] = a.k[i];
-    key[value_offset] = a.v[i];
+    __half* key = p.data + (static_cast<int64_t>(id) * p.block_size + pos % p.block_size) * hd + d;
+    key[0] = __float2half_rn(a.k[i]);
+    key[value_offset] = __float2half_rn(a.v[i]);
   }
 }
 
@@ -117,90 +111,114 @@ __device__ float WarpSum(float v) {
   return v;
 }
 
-// Block (row, kv head). Each warp runs an online softmax over every kWarps-th visible key for all
+// The visible keys of a query at `pos` under `r`, as kernels/attention_span.h computes them:
+// [0, *sink_end) and [*win_begin, pos] with *win_begin >= *sink_end.
+__device__ void VisibleKeys(const DeviceSpanRule& r, int32_t sink, int64_t pos, int64_t* sink_end,
+                            int64_t* win_begin) {
+  const int64_t n = pos + 1;
+  *sink_end = 0;
+  *win_begin = 0;
+  if (r.dense) return;
+  // The same double product and floor as the host, so the windows agree to the key.
+  const int64_t span = max(static_cast<int64_t>(r.alpha_tokens) +
+                               static_cast<int64_t>(floor(r.beta * static_cast<double>(n))),
+                           static_cast<int64_t>(r.min_span));
+  if (span >= n) return;
+  *sink_end = min(static_cast<int64_t>(sink), n);
+  *win_begin = max(n - (span - sink), *sink_end);
+}
+
+// Block (pair, new row): blockIdx.x is the pair s * n_kv_heads + h, rows blockIdx.y, + gridDim.y,
+// ... of sequence s. Each warp runs an online softmax over every kWarps-th visible key for all
 // query heads of the group; the warps' partial results are merged at the end.
-__global__ void AttentionKernel(DeviceAttention a, DevicePool p) {
+__global__ void AttentionKernel(PrefillAttentionArgs a, DevicePool p) {
   extern __shared__ float smem[];
   const int hd = p.head_dim;
   const int group = a.n_heads / a.n_kv_heads;
-  const int64_t r = blockIdx.x / a.n_kv_heads;
-  const int h = static_cast<int>(blockIdx.x % a.n_kv_heads);
+  const int64_t t = blockIdx.x;
+  const int seq = static_cast<int>(t / a.n_kv_heads);
+  const int h = static_cast<int>(t % a.n_kv_heads);
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   float* q_s = smem;                       // [group][hd]
   float* acc = q_s + group * hd;           // [kWarps][group][hd]
   float* m_s = acc + kWarps * group * hd;  // [kWarps][group]
   float* l_s = m_s + kWarps * group;       // [kWarps][group]
-
   const int64_t q_cols = static_cast<int64_t>(a.n_heads) * hd;
-  const float* qrow = a.q + r * q_cols + static_cast<int64_t>(h) * group * hd;
-  for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
-    q_s[i] = qrow[i];
-    for (int w = 0; w < kWarps; ++w) acc[w * group * hd + i] = 0.0f;
-  }
-  for (int i = threadIdx.x; i < kWarps * group; i += blockDim.x) {
-    m_s[i] = -INFINITY;
-    l_s[i] = 0.0f;
-  }
-  __syncthreads();
-
-  const int64_t pos = a.row_pos[r];
-  const int64_t sink_end = a.sink_end[r * a.n_kv_heads + h];
-  const int64_t win_begin = a.win_begin[r * a.n_kv_heads + h];
-  const int64_t n_keys = sink_end + (pos + 1 - win_begin);
-  const int64_t t = static_cast<int64_t>(a.row_seq[r]) * a.n_kv_heads + h;
   const int64_t value_offset = static_cast<int64_t>(p.num_blocks) * p.block_size * hd;
-  float* my_acc = acc + warp * group * hd;
-  for (int64_t i = warp; i < n_keys; i += kWarps) {
-    const int64_t kp = i < sink_end ? i : win_begin + (i - sink_end);
-    const int32_t id = BlockOf(a, p, t, kp);
-    if (id < 0) continue;
-    const float* key = p.data + (static_cast<int64_t>(id) * p.block_size + kp % p.block_size) * hd;
-    float kr[kMaxPerLane], vr[kMaxPerLane];
-#pragma unroll
-    for (int j = 0; j < kMaxPerLane; ++j) {
-      const int d = lane + 32 * j;
-      kr[j] = d < hd ? key[d] : 0.0f;
-      vr[j] = d < hd ? key[value_offset + d] : 0.0f;
-    }
-    for (int g = 0; g < group; ++g) {
-      float dot = 0.0f;
-#pragma unroll
-      for (int j = 0; j < kMaxPerLane; ++j) {
-        const int d = lane + 32 * j;
-        if (d < hd) dot += q_s[g * hd + d] * kr[j];
-      }
-      const float s = WarpSum(dot) * a.scale;
-      const float m_old = m_s[warp * group + g];
-      const float m_new = fmaxf(m_old, s);
-      const float corr = expf(m_old - m_new);
-      const float e = expf(s - m_new);
-#pragma unroll
-      for (int j = 0; j < kMaxPerLane; ++j) {
-        const int d = lane + 32 * j;
-        if (d < hd) my_acc[g * hd + d] = my_acc[g * hd + d] * corr + e * vr[j];
-      }
-      __syncwarp();
-      if (lane == 0) {
-        m_s[warp * group + g] = m_new;
-        l_s[warp * group + g] = l_s[warp * group + g] * corr + e;
-      }
-      __syncwarp();
-    }
-  }
-  __syncthreads();
+  const DeviceSpanRule rule = a.rules[t];
 
-  float* orow = a.out + r * q_cols + static_cast<int64_t>(h) * group * hd;
-  for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
-    const int g = i / hd;
-    float m = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, m_s[w * group + g]);
-    float l = 0.0f, o = 0.0f;
-    for (int w = 0; w < kWarps; ++w) {
-      const float f = m_s[w * group + g] == -INFINITY ? 0.0f : expf(m_s[w * group + g] - m);
-      l += l_s[w * group + g] * f;
-      o += acc[w * group * hd + i] * f;
+  for (int i_new = blockIdx.y; i_new < a.n_new[seq]; i_new += gridDim.y) {
+    const int64_t r = static_cast<int64_t>(a.q_row[seq]) + i_new;
+    const float* qrow = a.q + r * q_cols + static_cast<int64_t>(h) * group * hd;
+    for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
+      q_s[i] = qrow[i];
+      for (int w = 0; w < kWarps; ++w) acc[w * group * hd + i] = 0.0f;
     }
-    orow[i] = o / l;
+    for (int i = threadIdx.x; i < kWarps * group; i += blockDim.x) {
+      m_s[i] = -INFINITY;
+      l_s[i] = 0.0f;
+    }
+    __syncthreads();
+
+    const int64_t pos = static_cast<int64_t>(a.past[seq]) + i_new;
+    int64_t sink_end = 0, win_begin = 0;
+    VisibleKeys(rule, a.sink, pos, &sink_end, &win_begin);
+    const int64_t n_keys = sink_end + (pos + 1 - win_begin);
+    float* my_acc = acc + warp * group * hd;
+    for (int64_t i = warp; i < n_keys; i += kWarps) {
+      const int64_t kp = i < sink_end ? i : win_begin + (i - sink_end);
+      const int32_t id = BlockOf(a, p, t, kp);
+      if (id < 0) continue;
+      const __half* key =
+          p.data + (static_cast<int64_t>(id) * p.block_size + kp % p.block_size) * hd;
+      float kr[kMaxPerLane], vr[kMaxPerLane];
+#pragma unroll
+      for (int j = 0; j < kMaxPerLane; ++j) {
+        const int d = lane + 32 * j;
+        kr[j] = d < hd ? __half2float(key[d]) : 0.0f;
+        vr[j] = d < hd ? __half2float(key[value_offset + d]) : 0.0f;
+      }
+      for (int g = 0; g < group; ++g) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kMaxPerLane; ++j) {
+          const int d = lane + 32 * j;
+          if (d < hd) dot += q_s[g * hd + d] * kr[j];
+        }
+        const float s = WarpSum(dot) * a.scale;
+        const float m_old = m_s[warp * group + g];
+        const float m_new = fmaxf(m_old, s);
+        const float corr = expf(m_old - m_new);
+        const float e = expf(s - m_new);
+#pragma unroll
+        for (int j = 0; j < kMaxPerLane; ++j) {
+          const int d = lane + 32 * j;
+          if (d < hd) my_acc[g * hd + d] = my_acc[g * hd + d] * corr + e * vr[j];
+        }
+        __syncwarp();
+        if (lane == 0) {
+          m_s[warp * group + g] = m_new;
+          l_s[warp * group + g] = l_s[warp * group + g] * corr + e;
+        }
+        __syncwarp();
+      }
+    }
+    __syncthreads();
+
+    float* orow = a.out + r * q_cols + static_cast<int64_t>(h) * group * hd;
+    for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
+      const int g = i / hd;
+      float m = -INFINITY;
+      for (int w = 0; w < kWarps; ++w) m = fmaxf(m, m_s[w * group + g]);
+      float l = 0.0f, o = 0.0f;
+      for (int w = 0; w < kWarps; ++w) {
+        const float f = m_s[w * group + g] == -INFINITY ? 0.0f : expf(m_s[w * group + g] - m);
+        l += l_s[w * group + g] * f;
+        o += acc[w * group * hd + i] * f;
+      }
+      orow[i] = o / l;
+    }
+    __syncthreads();  // q_s, acc, m_s and l_s are reset for the next row
   }
 }
 
@@ -256,18 +274,24 @@ int64_t AttentionSharedBytes(int group, int head_dim) {
          ((1 + kWarps) * static_cast<int64_t>(group) * head_dim + 2 * kWarps * group);
 }
 
-cudaError_t LaunchAttention(const DeviceAttention& a, const DevicePool& pool, cudaStream_t stream) {
-  if (pool.head_dim > 32 * kMaxPerLane) return cudaErrorInvalidValue;
-  const int64_t blocks = a.rows * a.n_kv_heads;
-  if (blocks == 0) return cudaSuccess;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+cudaError_t LaunchAttention(const PrefillAttentionArgs& a, const DevicePool& pool,
+                            cudaStream_t stream) {
+  if (pool.head_dim > 32 * kMaxPerLane || a.n_kv_heads <= 0 || a.n_heads % a.n_kv_heads != 0) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t pairs = static_cast<int64_t>(a.n_seqs) * a.n_kv_heads;
+  if (pairs == 0 || a.max_n_new <= 0) return cudaSuccess;
+  if (pairs > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  // Rows past 65535 of a sequence loop in the kernel (gridDim.y's limit).
+  const dim3 grid(static_cast<unsigned>(pairs),
+                  static_cast<unsigned>(std::min(a.max_n_new, 65535)));
   const int64_t bytes = AttentionSharedBytes(a.n_heads / a.n_kv_heads, pool.head_dim);
   if (bytes > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(
         AttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
     if (e != cudaSuccess) return e;
   }
-  AttentionKernel<<<static_cast<unsigned>(blocks), 32 * kWarps, bytes, stream>>>(a, pool);
+  AttentionKernel<<<grid, 32 * kWarps, bytes, stream>>>(a, pool);
   return cudaGetLastError();
 }
 

@@ -4,6 +4,7 @@
 // launch error; shapes were checked by the caller.
 #pragma once
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -33,42 +34,41 @@ cudaError_t LaunchSwiGlu(const float* gate, const float* up, int64_t n, float* o
 // x += y over n floats.
 cudaError_t LaunchAdd(float* x, const float* y, int64_t n, cudaStream_t stream);
 
-// The KV pool: all key blocks [num_blocks, block_size, head_dim], then all value blocks.
+// The KV pool in fp16 (half the bytes decode attention streams, at ~3 significant digits per
+// key and value): all key blocks [num_blocks, block_size, head_dim], then all value blocks.
 struct DevicePool {
-  float* data;
+  __half* data;
   int32_t num_blocks;
   int32_t block_size;
   int head_dim;
 };
 
-// Per-call attention metadata, in device memory. A "table" is one (sequence, KV head) block
-// table: entries table_data[table_begin[t] .. table_begin[t] + table_len[t]).
+// What LaunchKvWrite needs, in device memory. A "table" is one (sequence, KV head) block table:
+// entries table_data[table_begin[t] .. table_begin[t] + table_len[t]), t = seq * n_kv_heads + h.
 struct DeviceAttention {
-  const float* q;  // [rows, n_heads * head_dim]
   const float* k;  // [rows, n_kv_heads * head_dim]
   const float* v;
-  float* out;  // [rows, n_heads * head_dim]
   int64_t rows;
-  int n_heads;
   int n_kv_heads;
-  float scale;
-  const int32_t* row_pos;      // [rows] position of each row
-  const int32_t* row_seq;      // [rows] sequence index of each row
-  const int64_t* table_begin;  // [n_seqs * n_kv_heads]
-  const int32_t* table_len;    // [n_seqs * n_kv_heads]
+  const int32_t* row_pos;  // [rows] position of each row
+  const int32_t* row_seq;  // [rows] sequence index of each row
+  const int64_t* table_begin;
+  const int32_t* table_len;
   const int32_t* table_data;
-  // [rows * n_kv_heads]: the visible keys of (row, head) are [0, sink_end) and
-  // [win_begin, row_pos] with win_begin >= sink_end.
-  const int32_t* sink_end;
-  const int32_t* win_begin;
 };
 
-// Copies each row's keys and values into the pool blocks of its position.
+// Copies each row's keys and values, rounded to fp16, into the pool blocks of its position.
 cudaError_t LaunchKvWrite(const DeviceAttention& a, const DevicePool& pool, cudaStream_t stream);
 
-// One thread block per (row, KV head), all query heads of the GQA group together, online softmax
-// over the visible keys. Dynamic shared memory must fit (see AttentionSharedBytes).
-cudaError_t LaunchAttention(const DeviceAttention& a, const DevicePool& pool, cudaStream_t stream);
+struct PrefillAttentionArgs;  // kernels/cuda/prefill_attention.h
+
+// The general attention kernel, for any head_dim up to 256 and any GQA group: one thread block
+// per (new row, KV head), all query heads of the group together, online softmax over the
+// visible keys that the pair's span rule gives. Takes the prefill kernel's arguments, so that a
+// caller can send any sequence, prefill or decode, to either. Dynamic shared memory must fit
+// (see AttentionSharedBytes).
+cudaError_t LaunchAttention(const PrefillAttentionArgs& a, const DevicePool& pool,
+                            cudaStream_t stream);
 
 // Shared memory the attention kernel needs for a group of `group` query heads of head_dim.
 int64_t AttentionSharedBytes(int group, int head_dim);

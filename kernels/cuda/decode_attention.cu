@@ -1,10 +1,16 @@
-// Split-KV decode attention (see decode_attention.h). Three kernels on one stream:
-//   plan:  one block sums the visible keys of every pair, picks one chunk size so that the work
-//          comes in about cfg.target_items equal chunks, and lays the chunks out pair by pair;
-//   split: a persistent grid whose warps take chunks in turn; a warp streams its keys and values
-//          once with 16-byte loads for all query heads of the group (online softmax in base 2);
-//   merge: for pairs cut into several chunks, combines the chunks' (max, sum, output).
-// A pair with a single chunk is finished by the split kernel itself.
+// Split-KV decode attention (see decode_attention.h), one kernel per step:
+//   plan:  every block scans the pairs' visible lengths into a prefix sum in shared memory (a
+//          few thousand integers, cheaper than a separate launch) and takes the key range
+//          [b * per_block, (b + 1) * per_block) of all pairs' keys laid end to end;
+//   split: for each pair its range touches, the block's warps stream the keys and values once for
+//          all query heads of the GQA group, an online softmax in base 2, on CUDA cores
+//          (ScalarSplit) or tensor cores (TensorSplit); the warps' states are combined in shared
+//          memory;
+//   merge: a pair inside one block's range is written out directly; otherwise each block writes
+//          a partial (max, sum, output) and the last to finish (an arrival counter per pair)
+//          merges the pair's partials with all its threads.
+#include <cuda_fp16.h>
+
 #include <algorithm>
 #include <cmath>
 
@@ -13,28 +19,35 @@
 namespace moa::cuda {
 namespace {
 
-constexpr int kWarpsPerBlock = 4;
-constexpr int kPlanThreads = 1024;
-constexpr int kMergeThreads = 256;
-// Fewer keys than this per chunk would spend more on partial results than on keys.
-constexpr int kMinChunk = 32;
-// Chunks per resident warp the plan aims for: enough that uneven tails even out.
-constexpr int kItemsPerWarp = 4;
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+// Measured on an H100 (docs/benchmarks-gpu-decode-attention.md): fewer keys per block leave
+// too few bytes in flight per block and too many partials to merge.
+constexpr int kMinKeysPerBlock = 128;
 constexpr float kLog2e = 1.4426950408889634f;
+// Tensor cores: a warp's tile is 16 consecutive key positions (the k of mma m16n8k16); each
+// stage of its cp.async pipeline holds one tile's keys and values (4 KB + 4 KB at head_dim 128).
+constexpr int kTile = 16;
+// Measured on an H100: 2-4 stages are within 2% at batch 8-64 (bytes in flight are not what
+// limits there); 3 is best or close at batch 1.
+constexpr int kDefaultStages = 3;
+constexpr int kMaxStages = 4;
+// From this group size on the tensor-core kernel is the default: 1.01-1.69x faster for group 4;
+// for MHA it is no faster than the CUDA-core kernel (docs/benchmarks-gpu-decode-attention.md).
+constexpr int kTensorCoresFromGroup = 2;
 
 struct Workspace {
-  int32_t* meta;        // [0] chunk size in keys, [1] number of chunks
-  int32_t* item_start;  // [max_pairs + 1] first chunk of each pair
-  float* o_part;        // [max_items, group, head_dim] unnormalised outputs
-  float* m_part;        // [max_items, group] running max (base-2 scores)
-  float* l_part;        // [max_items, group] sum of exponentials
+  int32_t* count;  // [max_pairs] blocks done with each pair; zero between launches
+  float* o_part;   // [slots, group, head_dim] unnormalised outputs
+  float* m_part;   // [slots, group] running max (base-2 scores)
+  float* l_part;   // [slots, group] sum of exponentials
 };
 
-int64_t AlignUp(int64_t n) { return (n + 15) / 16 * 16; }
+__host__ __device__ constexpr int64_t AlignUp(int64_t n) { return (n + 15) / 16 * 16; }
 
-int64_t MaxItems(const DecodeAttentionConfig& c) {
-  return static_cast<int64_t>(c.target_items) + c.max_pairs;
-}
+// Partial slot of (block b, pair p) is b + p: along the keys laid end to end both grow, and at
+// each step from one segment to the next at least one of them does, so slots are distinct.
+int64_t Slots(const DecodeAttentionConfig& c) { return int64_t{c.grid} + c.max_pairs; }
 
 Workspace Carve(void* base, const DecodeAttentionConfig& c, int64_t* bytes) {
   char* p = static_cast<char*>(base);
@@ -45,14 +58,30 @@ Workspace Carve(void* base, const DecodeAttentionConfig& c, int64_t* bytes) {
     off += AlignUp(n);
     return at;
   };
-  const int64_t items = MaxItems(c);
-  w.meta = reinterpret_cast<int32_t*>(take(4 * sizeof(int32_t)));
-  w.item_start = reinterpret_cast<int32_t*>(take((c.max_pairs + 1) * sizeof(int32_t)));
-  w.o_part = reinterpret_cast<float*>(take(items * c.group * c.head_dim * sizeof(float)));
-  w.m_part = reinterpret_cast<float*>(take(items * c.group * sizeof(float)));
-  w.l_part = reinterpret_cast<float*>(take(items * c.group * sizeof(float)));
+  const int64_t slots = Slots(c);
+  w.count = reinterpret_cast<int32_t*>(take(c.max_pairs * sizeof(int32_t)));
+  w.o_part = reinterpret_cast<float*>(take(slots * c.group * c.head_dim * sizeof(float)));
+  w.m_part = reinterpret_cast<float*>(take(slots * c.group * sizeof(float)));
+  w.l_part = reinterpret_cast<float*>(take(slots * c.group * sizeof(float)));
   *bytes = off;
   return w;
+}
+
+// Shared memory: [split area][warps' max: kWarps x group][warps' sum: kWarps x group][the pairs'
+// prefix sums, max_pairs + 1 as 64-bit]. The split area holds the warps' outputs
+// [kWarps][group][head_dim] (CUDA cores), or each warp's cp.async stages followed by all warps'
+// key masks [kWarps][stages][32] (tensor cores; a warp's output then reuses its own stages).
+__host__ __device__ constexpr int64_t TensorStageBytes(int hd) { return int64_t{hd} * 4 * kTile; }
+
+__host__ __device__ constexpr int64_t SplitAreaBytes(int hd, int group, bool tc, int stages) {
+  return tc ? kWarps * stages * (TensorStageBytes(hd) + 32 * 4) : int64_t{4} * kWarps * group * hd;
+}
+
+__host__ __device__ constexpr int64_t StateBytes(int group) { return AlignUp(4 * kWarps * group); }
+
+int64_t SharedBytes(int hd, int group, bool tc, int stages, int max_pairs) {
+  return SplitAreaBytes(hd, group, tc, stages) + 2 * StateBytes(group) +
+         int64_t{8} * (max_pairs + 1);
 }
 
 struct Range {
@@ -68,291 +97,751 @@ __device__ Range VisibleRange(const DecodeAttentionArgs& a, int p) {
   return {se, wb, se + (len - wb)};
 }
 
-__global__ void PlanKernel(DecodeAttentionArgs a, int target_items, int32_t* meta,
-                           int32_t* item_start) {
-  __shared__ long long scan[kPlanThreads];
-  const int n_pairs = a.n_seqs * a.n_kv_heads;
-  const int per = (n_pairs + kPlanThreads - 1) / kPlanThreads;
-  const int lo = min(static_cast<int>(threadIdx.x) * per, n_pairs), hi = min(lo + per, n_pairs);
-
-  long long keys = 0;
-  for (int p = lo; p < hi; ++p) keys += VisibleRange(a, p).n_keys;
-  scan[threadIdx.x] = keys;
+// Exclusive prefix sum of `v` over the block; *total gets the sum of all.
+__device__ long long BlockExclusiveScan(long long v, long long* warp_sums, long long* total) {
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  long long x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o *= 2) {
+    const long long y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) warp_sums[warp] = x;
   __syncthreads();
-  for (int s = kPlanThreads / 2; s > 0; s /= 2) {
-    if (static_cast<int>(threadIdx.x) < s) scan[threadIdx.x] += scan[threadIdx.x + s];
-    __syncthreads();
+  long long before = 0, all = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    if (w < warp) before += warp_sums[w];
+    all += warp_sums[w];
   }
-  const long long total = scan[0];
   __syncthreads();
-  const long long want = (total + target_items - 1) / target_items;
-  const int chunk = static_cast<int>(max(static_cast<long long>(kMinChunk), want));
-
-  // Chunks per pair (at least one, so that every output is written), then an exclusive scan.
-  long long count = 0;
-  for (int p = lo; p < hi; ++p) count += max(1, (VisibleRange(a, p).n_keys + chunk - 1) / chunk);
-  scan[threadIdx.x] = count;
-  __syncthreads();
-  for (int s = 1; s < kPlanThreads; s *= 2) {
-    const long long add = static_cast<int>(threadIdx.x) >= s ? scan[threadIdx.x - s] : 0;
-    __syncthreads();
-    scan[threadIdx.x] += add;
-    __syncthreads();
-  }
-  // Bounded by target_items + n_pairs (see MaxItems): fits the workspace and int32.
-  long long start = scan[threadIdx.x] - count;
-  for (int p = lo; p < hi; ++p) {
-    item_start[p] = static_cast<int32_t>(start);
-    start += max(1, (VisibleRange(a, p).n_keys + chunk - 1) / chunk);
-  }
-  if (threadIdx.x == kPlanThreads - 1) {
-    item_start[n_pairs] = static_cast<int32_t>(scan[threadIdx.x]);
-    meta[0] = chunk;
-    meta[1] = static_cast<int32_t>(scan[threadIdx.x]);
-  }
+  *total = all;
+  return before + x - v;
 }
 
-__device__ float4 Scale(float4 v, float f) {
-  return make_float4(v.x * f, v.y * f, v.z * f, v.w * f);
-}
-__device__ float Dot(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
-__device__ float4 Fma(float f, float4 v, float4 acc) {
-  return make_float4(fmaf(f, v.x, acc.x), fmaf(f, v.y, acc.y), fmaf(f, v.z, acc.z),
-                     fmaf(f, v.w, acc.w));
-}
-__device__ float4 ShflXor(float4 v, int o) {
-  return make_float4(__shfl_xor_sync(0xffffffffu, v.x, o), __shfl_xor_sync(0xffffffffu, v.y, o),
-                     __shfl_xor_sync(0xffffffffu, v.z, o), __shfl_xor_sync(0xffffffffu, v.w, o));
+__device__ float2 HalfPair(uint32_t bits) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&bits));
 }
 
-// HD / 4 lanes hold one key (or value) row as one float4 each; a warp holds 32 / (HD / 4) rows at
-// once and loads U such row sets before using any, so that several loads are in flight.
+// One pair's part [k0, k1) of its visible keys, as a block's split step sees it.
+struct PairPart {
+  Range r;
+  int k0, k1;
+  int64_t t_begin;  // its block table
+  int32_t t_len;
+  const float* q;  // the group's query heads, [G][HD]
+};
+
+// What each warp leaves for the block's combine: its unnormalised output for the group at
+// o + warp * o_stride ([G][HD]), its running max and sum at m[warp * G + g], l[warp * G + g].
+struct WarpStates {
+  float* o;
+  int o_stride;
+  float* m;
+  float* l;
+};
+
+// --- CUDA cores: HD / 8 lanes hold one key (or value) row, 8 halves = 16 bytes each; a warp
+// covers kKeysPerRow keys per "row" and loads U rows before using any, so that U KB are in
+// flight.
 template <int HD, int G>
-__global__ void __launch_bounds__(32 * kWarpsPerBlock)
-    SplitKernel(DecodeAttentionArgs a, DevicePool pool, Workspace w) {
-  constexpr int kLanesPerKey = HD / 4;
-  constexpr int kKeysPerPass = 32 / kLanesPerKey;
-  constexpr int U = G > 4 ? 2 : 4;
+__device__ void ScalarSplit(const DecodeAttentionArgs& a, const DevicePool& pool,
+                            const PairPart& part, const WarpStates& st) {
+  constexpr int kLanesPerKey = HD / 8;
+  constexpr int kKeysPerRow = 32 / kLanesPerKey;
+  constexpr int U = G <= 4 ? 8 : 4;
   static_assert(kLanesPerKey <= 32 && 32 % kLanesPerKey == 0, "head_dim must be 64 or 128");
-
-  const int lane = static_cast<int>(threadIdx.x) % 32;
-  const int sub = lane / kLanesPerKey;      // which row of a pass
-  const int col = lane % kLanesPerKey * 4;  // first element of this lane's float4
-  const int n_pairs = a.n_seqs * a.n_kv_heads;
-  const int chunk = w.meta[0], n_items = w.meta[1];
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  const int sub = lane / kLanesPerKey;      // which key of a row
+  const int col = lane % kLanesPerKey * 8;  // first element of this lane's 8
   const int64_t value_offset = static_cast<int64_t>(pool.num_blocks) * pool.block_size * HD;
-  const int64_t q_cols = static_cast<int64_t>(a.n_heads) * HD;
-  const int warps = gridDim.x * kWarpsPerBlock;
+  const Range& r = part.r;
+  const int k0 = part.k0, k1 = part.k1;
 
-  for (int item = blockIdx.x * kWarpsPerBlock + static_cast<int>(threadIdx.x) / 32; item < n_items;
-       item += warps) {
-    int lo = 0, hi = n_pairs - 1;  // last pair whose first chunk is <= item
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (w.item_start[mid] <= item) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
+  float qf[G][8], acc[G][8], m[G], l[G];
+  const float* qrow = part.q + col;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const float4 x0 = __ldg(reinterpret_cast<const float4*>(qrow + g * HD));
+    const float4 x1 = __ldg(reinterpret_cast<const float4*>(qrow + g * HD + 4));
+    const float f = a.scale * kLog2e;
+    const float xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      qf[g][j] = xs[j] * f;
+      acc[g][j] = 0.0f;
+    }
+    m[g] = -INFINITY;
+    l[g] = 0.0f;
+  }
+
+  const int n_rows = (k1 - k0 + kKeysPerRow - 1) / kKeysPerRow;
+  for (int r0 = 0; r0 < n_rows; r0 += kWarps * U) {
+    uint4 kr[U], vr[U];
+    bool ok[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = k0 + (r0 + u * kWarps + warp) * kKeysPerRow + sub;
+      int32_t id = -1;
+      int kp = 0;
+      if (i < k1) {
+        kp = i < r.sink_end ? i : r.win_begin + (i - r.sink_end);
+        const int b = kp / pool.block_size;
+        if (b < part.t_len) id = a.table_data[part.t_begin + b];
+      }
+      ok[u] = id >= 0 && id < pool.num_blocks;
+      kr[u] = vr[u] = make_uint4(0u, 0u, 0u, 0u);
+      if (ok[u]) {
+        const __half* key =
+            pool.data + (static_cast<int64_t>(id) * pool.block_size + kp % pool.block_size) * HD +
+            col;
+        kr[u] = __ldg(reinterpret_cast<const uint4*>(key));
+        vr[u] = __ldg(reinterpret_cast<const uint4*>(key + value_offset));
       }
     }
-    const int p = lo;
-    const int first = w.item_start[p], n_chunks = w.item_start[p + 1] - first;
-    const Range r = VisibleRange(a, p);
-    const int k0 = (item - first) * chunk, k1 = min(r.n_keys, k0 + chunk);
-    const int s = p / a.n_kv_heads, h = p % a.n_kv_heads;
-    const int64_t t_begin = a.table_begin[p];
-    const int32_t t_len = a.table_len[p];
-
-    const float* qrow = a.q + s * q_cols + static_cast<int64_t>(h) * G * HD + col;
-    float4 qv[G], acc[G];
-    float m[G], l[G];
+    // Scores of every key for every head of the group; each key row converted once.
+    float sc[G][U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const float2 k01 = HalfPair(kr[u].x), k23 = HalfPair(kr[u].y), k45 = HalfPair(kr[u].z),
+                   k67 = HalfPair(kr[u].w);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float d = qf[g][0] * k01.x;
+        d = fmaf(qf[g][1], k01.y, d);
+        d = fmaf(qf[g][2], k23.x, d);
+        d = fmaf(qf[g][3], k23.y, d);
+        d = fmaf(qf[g][4], k45.x, d);
+        d = fmaf(qf[g][5], k45.y, d);
+        d = fmaf(qf[g][6], k67.x, d);
+        d = fmaf(qf[g][7], k67.y, d);
+        sc[g][u] = d;
+      }
+    }
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      qv[g] = Scale(__ldg(reinterpret_cast<const float4*>(qrow + g * HD)), a.scale * kLog2e);
-      acc[g] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      m[g] = -INFINITY;
-      l[g] = 0.0f;
-    }
-
-    for (int base = k0; base < k1; base += U * kKeysPerPass) {
-      float4 kr[U], vr[U];
-      bool ok[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int i = base + u * kKeysPerPass + sub;
-        const int kp = i < r.sink_end ? i : r.win_begin + (i - r.sink_end);
-        const int b = kp / pool.block_size;
-        const int32_t id = i < k1 && b < t_len ? a.table_data[t_begin + b] : -1;
-        ok[u] = id >= 0 && id < pool.num_blocks;
-        kr[u] = vr[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (ok[u]) {
-          const float* key =
-              pool.data + (static_cast<int64_t>(id) * pool.block_size + kp % pool.block_size) * HD +
-              col;
-          kr[u] = __ldg(reinterpret_cast<const float4*>(key));
-          vr[u] = __ldg(reinterpret_cast<const float4*>(key + value_offset));
+#pragma unroll
+        for (int o = kLanesPerKey / 2; o > 0; o /= 2) {
+          sc[g][u] += __shfl_xor_sync(0xffffffffu, sc[g][u], o);
         }
+        if (!ok[u]) sc[g][u] = -INFINITY;
       }
+      float mx = m[g];
+#pragma unroll
+      for (int u = 0; u < U; ++u) mx = fmaxf(mx, sc[g][u]);
+      if (mx == -INFINITY) {  // no visible key yet for this row of the warp
+#pragma unroll
+        for (int u = 0; u < U; ++u) sc[g][u] = 0.0f;
+        continue;
+      }
+      const float corr = exp2f(m[g] - mx);
+      l[g] *= corr;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[g][j] *= corr;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        sc[g][u] = exp2f(sc[g][u] - mx);  // now the weight of key u
+        l[g] += sc[g][u];
+      }
+      m[g] = mx;
+    }
+    // Values, each converted once for all heads of the group.
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const float2 v01 = HalfPair(vr[u].x), v23 = HalfPair(vr[u].y), v45 = HalfPair(vr[u].z),
+                   v67 = HalfPair(vr[u].w);
+      const float vf[8] = {v01.x, v01.y, v23.x, v23.y, v45.x, v45.y, v67.x, v67.y};
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        float sc[U];
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          float d = Dot(qv[g], kr[u]);
-#pragma unroll
-          for (int o = kLanesPerKey / 2; o > 0; o /= 2) d += __shfl_xor_sync(0xffffffffu, d, o);
-          sc[u] = ok[u] ? d : -INFINITY;
-        }
-        float mx = m[g];
-#pragma unroll
-        for (int u = 0; u < U; ++u) mx = fmaxf(mx, sc[u]);
-        if (mx == -INFINITY) continue;  // no visible key yet in this row set
-        const float corr = exp2f(m[g] - mx);
-        l[g] *= corr;
-        acc[g] = Scale(acc[g], corr);
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const float e = exp2f(sc[u] - mx);
-          l[g] += e;
-          acc[g] = Fma(e, vr[u], acc[g]);
-        }
-        m[g] = mx;
+        for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(sc[g][u], vf[j], acc[g][j]);
       }
     }
+  }
 
-    // Rows of one pass ran separate softmaxes: fold them into the lanes of row 0.
+  // The keys of one row ran separate softmaxes: fold them into the lanes of key 0.
 #pragma unroll
-    for (int o = kLanesPerKey; o < 32; o *= 2) {
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        const float m2 = __shfl_xor_sync(0xffffffffu, m[g], o);
-        const float l2 = __shfl_xor_sync(0xffffffffu, l[g], o);
-        const float4 a2 = ShflXor(acc[g], o);
-        const float mx = fmaxf(m[g], m2);
-        if (mx == -INFINITY) continue;
-        const float f1 = exp2f(m[g] - mx), f2 = exp2f(m2 - mx);
-        l[g] = l[g] * f1 + l2 * f2;
-        acc[g] = Fma(f2, a2, Scale(acc[g], f1));
-        m[g] = mx;
-      }
-    }
-    if (sub != 0) continue;
-
+  for (int o = kLanesPerKey; o < 32; o *= 2) {
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      if (n_chunks == 1) {
-        const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
-        *reinterpret_cast<float4*>(a.out + s * q_cols + (static_cast<int64_t>(h) * G + g) * HD +
-                                   col) = Scale(acc[g], inv);
-      } else {
-        const int64_t at = static_cast<int64_t>(item) * G + g;
-        *reinterpret_cast<float4*>(w.o_part + at * HD + col) = acc[g];
-        if (col == 0) {
-          w.m_part[at] = m[g];
-          w.l_part[at] = l[g];
+      const float m2 = __shfl_xor_sync(0xffffffffu, m[g], o);
+      const float l2 = __shfl_xor_sync(0xffffffffu, l[g], o);
+      const float mx = fmaxf(m[g], m2);
+      const float f1 = mx == -INFINITY ? 0.0f : exp2f(m[g] - mx);
+      const float f2 = mx == -INFINITY ? 0.0f : exp2f(m2 - mx);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float a2 = __shfl_xor_sync(0xffffffffu, acc[g][j], o);
+        acc[g][j] = acc[g][j] * f1 + a2 * f2;
+      }
+      l[g] = l[g] * f1 + l2 * f2;
+      m[g] = mx;
+    }
+  }
+  if (sub == 0) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float* dst = st.o + warp * st.o_stride + g * HD + col;
+      *reinterpret_cast<float4*>(dst) = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+      *reinterpret_cast<float4*>(dst + 4) = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+      if (col == 0) {
+        st.m[warp * G + g] = m[g];
+        st.l[warp * G + g] = l[g];
+      }
+    }
+  }
+}
+
+// --- Tensor cores.
+__device__ __forceinline__ uint32_t Bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+
+// x0, x1 ~= hi + lo, both fp16 pairs: the hi and lo rows of an mma carry about 22 bits of x
+// between them, so that fp16 inputs do not cost the fp32 precision of scores and weights.
+__device__ __forceinline__ void SplitHalves(float x0, float x1, uint32_t* hi, uint32_t* lo) {
+  const __half2 h = __floats2half2_rn(x0, x1);
+  const float2 f = __half22float2(h);
+  *hi = Bits(h);
+  *lo = Bits(__floats2half2_rn(x0 - f.x, x1 - f.y));
+}
+
+// c += a * b for A 16 x 16 (row), B 16 x 8 (col), fp16 in, fp32 accumulate.
+__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 16 bytes global -> shared without registers; zeros (and no read) where !valid.
+__device__ __forceinline__ void CpAsync16(void* dst, const void* src, bool valid) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+// Waits until at most `pending` (< kMaxStages) of this thread's newest groups are in flight.
+__device__ __forceinline__ void CpAsyncWait(int pending) {
+  switch (pending) {
+    case 0:
+      asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+      break;
+    case 1:
+      asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+      break;
+    case 2:
+      asm volatile("cp.async.wait_group 2;\n" ::: "memory");
+      break;
+    default:
+      asm volatile("cp.async.wait_group 3;\n" ::: "memory");
+      break;
+  }
+}
+
+// Each warp takes every kWarps-th tile of 16 consecutive positions (aligned to 16, so that with
+// blocks of a multiple of 16 positions a tile is one contiguous run of one pool block) and
+// streams it through a `stages`-deep cp.async pipeline in shared memory. In each tile, with
+// g = lane / 4 and t = lane % 4 (the mma fragment coordinates):
+//   scores: S[16 x 8 keys] += Q[16 x 16 dims] K^T[16 dims x 8 keys], twice (keys 0-7, 8-15),
+//     over head_dim / 16 steps; row g of Q is head g's query scaled by scale * log2(e) in fp16,
+//     row g + 8 what fp16 lost of it (zero rows pad the group to 8), so head g's score of a key
+//     is the sum of rows g and g + 8. The dims are permuted so that each lane's B fragment
+//     (key g, 8 dims) is one 16-byte load: lane (g, t) holds dims 32c + 8t .. + 8 of step 2c, 2c+1.
+//   weights: row g of P is head g's exp2(score - max), row g + 8 what fp16 lost of it; by the
+//     mma layouts lane (g, t) holds head g's scores and weights of keys 2t, 2t + 1, 2t + 8,
+//     2t + 9 (the same for the A fragment of P), so the softmax needs only two shuffles per tile.
+//   outputs: O[16 x 8 dims] += P[16 x 16 keys] V[16 keys x 8 dims] for head_dim / 8 column
+//     tiles; lane (g, t) loads 16 bytes (dims 8g + 64c ..) of each of its four keys and pairs
+//     the keys' halves (byte_perm) into B fragments: column g of column tile 8c + d is dim
+//     (g + 8c) * 8 + d.
+// Each lane copies exactly the bytes it later reads, so the pipeline needs no barrier.
+template <int HD, int G>
+__device__ void TensorSplit(const DecodeAttentionArgs& a, const DevicePool& pool,
+                            const PairPart& part, const WarpStates& st, int stages, uint4* stage,
+                            int* masks) {
+  static_assert(HD % 64 == 0 && G <= 8, "tensor-core tiles need head_dim 64k and group <= 8");
+  constexpr int kKc = HD / 32;     // 16-byte K chunks per lane and key (2 keys)
+  constexpr int kVc = HD / 64;     // 16-byte V chunks per lane and key (4 keys)
+  constexpr int kSlots = 4 * kKc;  // 16-byte slots per lane and stage
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int bs = pool.block_size;
+  const int64_t value_offset = static_cast<int64_t>(pool.num_blocks) * bs * HD;
+  const Range& r = part.r;
+
+  // Keys [k0, k1) as positions: [pa0, pb0) in the sink, [pa1, pb1) in the window.
+  const int pa0 = part.k0, pb0 = min(part.k1, r.sink_end);
+  const int pa1 = r.win_begin + max(part.k0 - r.sink_end, 0);
+  const int pb1 = r.win_begin + (part.k1 - r.sink_end);
+  const int n0 = pa0 < pb0 ? (pb0 - 1) / kTile - pa0 / kTile + 1 : 0;
+  const int n1 = pa1 < pb1 ? (pb1 - 1) / kTile - pa1 / kTile + 1 : 0;
+  const int n_mine = (n0 + n1 - warp + kWarps - 1) / kWarps;
+  stage += warp * stages * kSlots * 32 + lane;
+  masks += warp * stages * 32 + lane;
+
+  // Starts copying this warp's i-th tile into stage i % stages (one commit group either way).
+  const auto issue = [&](int i) {
+    if (i < n_mine) {
+      const int tile = warp + i * kWarps;
+      const bool sink = tile < n0;
+      const int pa = sink ? pa0 : pa1, pb = sink ? pb0 : pb1;
+      const int p0 = (pa / kTile + (sink ? tile : tile - n0)) * kTile;
+      const int blk0 = p0 / bs, off0 = p0 - blk0 * bs;
+      const bool one_block = off0 + kTile <= bs;
+      int64_t base = -1;
+      if (one_block && blk0 < part.t_len) {
+        const int32_t id = a.table_data[part.t_begin + blk0];
+        if (id >= 0 && id < pool.num_blocks) base = static_cast<int64_t>(id) * bs + off0;
+      }
+      // Pool row of the tile's key j, or -1 if not visible (or its block is missing).
+      const auto row_of = [&](int j) -> int64_t {
+        const int pos = p0 + j;
+        if (pos < pa || pos >= pb) return -1;
+        if (one_block) return base < 0 ? -1 : base + j;
+        const int b = pos / bs;
+        if (b >= part.t_len) return -1;
+        const int32_t id = a.table_data[part.t_begin + b];
+        return id >= 0 && id < pool.num_blocks ? static_cast<int64_t>(id) * bs + (pos - b * bs)
+                                               : -1;
+      };
+      uint4* dst = stage + (i % stages) * kSlots * 32;
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {  // keys g, g + 8
+        const int64_t row = row_of(g + 8 * n);
+        const __half* src = pool.data + max(row, int64_t{0}) * HD + 8 * t;
+#pragma unroll
+        for (int c = 0; c < kKc; ++c) CpAsync16(dst + (n * kKc + c) * 32, src + 32 * c, row >= 0);
+      }
+      int mask = 0;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {  // keys 2t, 2t + 1, 2t + 8, 2t + 9
+        const int64_t row = row_of(2 * t + (k & 1) + 8 * (k >> 1));
+        mask |= (row >= 0 ? 1 : 0) << k;
+        const __half* src = pool.data + value_offset + max(row, int64_t{0}) * HD + 8 * g;
+#pragma unroll
+        for (int c = 0; c < kVc; ++c) {
+          CpAsync16(dst + (2 * kKc + k * kVc + c) * 32, src + 64 * c, row >= 0);
         }
       }
+      masks[(i % stages) * 32] = mask;
     }
-  }
-}
+    CpAsyncCommit();
+  };
+  for (int i = 0; i < stages - 1; ++i) issue(i);
 
-__global__ void MergeKernel(DecodeAttentionArgs a, int head_dim, Workspace w) {
-  const int p = blockIdx.x;
-  const int first = w.item_start[p], n = w.item_start[p + 1] - first;
-  if (n <= 1) return;
-  const int group = a.n_heads / a.n_kv_heads;
-  const int s = p / a.n_kv_heads, h = p % a.n_kv_heads;
-  float* orow = a.out + static_cast<int64_t>(s) * a.n_heads * head_dim +
-                static_cast<int64_t>(h) * group * head_dim;
-  for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) {
-    const int g = i / head_dim, d = i % head_dim;
-    float mx = -INFINITY;
-    for (int c = 0; c < n; ++c)
-      mx = fmaxf(mx, w.m_part[(static_cast<int64_t>(first) + c) * group + g]);
-    float l = 0.0f, o = 0.0f;
-    if (mx != -INFINITY) {
-      for (int c = 0; c < n; ++c) {
-        const int64_t at = (static_cast<int64_t>(first) + c) * group + g;
-        const float f = exp2f(w.m_part[at] - mx);
-        l += w.l_part[at] * f;
-        o += w.o_part[at * head_dim + d] * f;
+  uint32_t qa[HD / 16][4];  // A fragments of the query, step by step
+  {
+    const float f = a.scale * kLog2e;
+#pragma unroll
+    for (int c = 0; c < kKc; ++c) {
+      float x[8] = {};
+      if (g < G) {
+        const float* q = part.q + g * HD + 32 * c + 8 * t;
+        const float4 x0 = __ldg(reinterpret_cast<const float4*>(q));
+        const float4 x1 = __ldg(reinterpret_cast<const float4*>(q + 4));
+        const float xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) x[j] = xs[j];
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        SplitHalves(x[4 * h] * f, x[4 * h + 1] * f, &qa[2 * c + h][0], &qa[2 * c + h][1]);
+        SplitHalves(x[4 * h + 2] * f, x[4 * h + 3] * f, &qa[2 * c + h][2], &qa[2 * c + h][3]);
       }
     }
-    orow[i] = l > 0.0f ? o / l : 0.0f;
+  }
+
+  float o[HD / 8][4] = {};  // rows g (head g) and g + 8 (its fp16 remainder) of each column tile
+  float m = -INFINITY, l = 0.0f;  // head g's running max and (this lane's keys') sum
+  for (int i = 0; i < n_mine; ++i) {
+    issue(i + stages - 1);
+    CpAsyncWait(stages - 1);
+    const uint4* src = stage + (i % stages) * kSlots * 32;
+    float s[2][4] = {};
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int c = 0; c < kKc; ++c) {
+        const uint4 k = src[(n * kKc + c) * 32];
+        Mma(s[n], qa[2 * c], k.x, k.y);
+        Mma(s[n], qa[2 * c + 1], k.z, k.w);
+      }
+    }
+    const int mask = masks[(i % stages) * 32];
+    float w[4];  // head g's scores, then weights, of keys 2t, 2t + 1, 2t + 8, 2t + 9
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      w[k] = (mask >> k) & 1 ? s[k >> 1][k & 1] + s[k >> 1][(k & 1) + 2] : -INFINITY;
+    }
+    float mx = fmaxf(fmaxf(w[0], w[1]), fmaxf(w[2], w[3]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m, mx);
+    const float ref = m_new == -INFINITY ? 0.0f : m_new;  // no visible key yet: all weights 0
+    const float corr = exp2f(m - ref);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) w[k] = exp2f(w[k] - ref);
+    l = l * corr + ((w[0] + w[1]) + (w[2] + w[3]));
+    m = m_new;
+    // The max rarely grows after the first tiles: skip the rescale when no lane needs it.
+    if (__any_sync(0xffffffffu, corr != 1.0f)) {
+#pragma unroll
+      for (int j = 0; j < HD / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[j][e] *= corr;
+      }
+    }
+    uint32_t pa[4];
+    SplitHalves(w[0], w[1], &pa[0], &pa[1]);
+    SplitHalves(w[2], w[3], &pa[2], &pa[3]);
+#pragma unroll
+    for (int c = 0; c < kVc; ++c) {
+      uint32_t v[4][4];  // [key 2t, 2t + 1, 2t + 8, 2t + 9][pairs of dims]
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const uint4 x = src[(2 * kKc + k * kVc + c) * 32];
+        v[k][0] = x.x;
+        v[k][1] = x.y;
+        v[k][2] = x.z;
+        v[k][3] = x.w;
+      }
+#pragma unroll
+      for (int d = 0; d < 8; ++d) {
+        const unsigned sel = d % 2 == 0 ? 0x5410u : 0x7632u;  // low or high halves of two keys
+        Mma(o[8 * c + d], pa, __byte_perm(v[0][d / 2], v[1][d / 2], sel),
+            __byte_perm(v[2][d / 2], v[3][d / 2], sel));
+      }
+    }
+  }
+  CpAsyncWait(0);
+
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  __syncwarp();  // the warp's output reuses its stages, which other lanes may still be reading
+  if (g < G) {
+    float* out = st.o + warp * st.o_stride + g * HD;
+#pragma unroll
+    for (int c = 0; c < kVc; ++c) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {  // column 2t + e of each tile: dims (2t + e + 8c) * 8 + d
+        float* dst = out + (2 * t + e + 8 * c) * 8;
+        float y[8];
+#pragma unroll
+        for (int d = 0; d < 8; ++d) y[d] = o[8 * c + d][e] + o[8 * c + d][e + 2];
+        *reinterpret_cast<float4*>(dst) = make_float4(y[0], y[1], y[2], y[3]);
+        *reinterpret_cast<float4*>(dst + 4) = make_float4(y[4], y[5], y[6], y[7]);
+      }
+    }
+    if (t == 0) {
+      st.m[warp * G + g] = m;
+      st.l[warp * G + g] = l;
+    }
   }
 }
 
-using SplitFn = void (*)(DecodeAttentionArgs, DevicePool, Workspace);
+// The block's result for pair p from the warps' states: written out if the block holds all of
+// the pair, else published as partial `slot`; the last block in merges the pair's partials.
+template <int HD, int G>
+__device__ void FinishPair(const WarpStates& st, const Workspace& w, float* orow, int p, int slot,
+                           int first_block, int n_parts) {
+  __shared__ float red[kWarps][G];
+  __shared__ float merge_m[G], merge_l[G];
+  __shared__ int last;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid % 32, warp = tid / 32;
+  for (int i = tid; i < G * HD; i += kThreads) {
+    const int g = i / HD;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) mx = fmaxf(mx, st.m[v * G + g]);
+    float sum = 0.0f, o = 0.0f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int v = 0; v < kWarps; ++v) {
+        const float f = exp2f(st.m[v * G + g] - mx);
+        sum += st.l[v * G + g] * f;
+        o += st.o[v * st.o_stride + i] * f;
+      }
+    }
+    if (n_parts == 1) {
+      orow[i] = sum > 0.0f ? o / sum : 0.0f;
+    } else {
+      w.o_part[static_cast<int64_t>(slot) * G * HD + i] = o;
+      if (i % HD == 0) {
+        w.m_part[static_cast<int64_t>(slot) * G + g] = mx;
+        w.l_part[static_cast<int64_t>(slot) * G + g] = sum;
+      }
+    }
+  }
+  if (n_parts == 1) return;
+  // Publish the partial, then count this block in; the last one in merges.
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) last = atomicAdd(&w.count[p], 1) == n_parts - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int64_t s0 = first_block + p;  // slots s0 .. s0 + n_parts - 1
+  float mloc[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) mloc[g] = -INFINITY;
+  for (int c = tid; c < n_parts; c += kThreads) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) mloc[g] = fmaxf(mloc[g], __ldcg(w.m_part + (s0 + c) * G + g));
+  }
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) {
+      mloc[g] = fmaxf(mloc[g], __shfl_xor_sync(0xffffffffu, mloc[g], o));
+    }
+    if (lane == 0) red[warp][g] = mloc[g];
+  }
+  __syncthreads();
+  if (tid < G) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) mx = fmaxf(mx, red[v][tid]);
+    merge_m[tid] = mx;
+  }
+  __syncthreads();
+  float lloc[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) lloc[g] = 0.0f;
+  for (int c = tid; c < n_parts; c += kThreads) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float mc = __ldcg(w.m_part + (s0 + c) * G + g);
+      if (mc != -INFINITY) {
+        lloc[g] += __ldcg(w.l_part + (s0 + c) * G + g) * exp2f(mc - merge_m[g]);
+      }
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) lloc[g] += __shfl_xor_sync(0xffffffffu, lloc[g], o);
+    if (lane == 0) red[warp][g] = lloc[g];
+  }
+  __syncthreads();
+  if (tid < G) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) sum += red[v][tid];
+    merge_l[tid] = sum;
+  }
+  __syncthreads();
+  for (int i = tid; i < G * HD; i += kThreads) {
+    const int g = i / HD;
+    const float mx = merge_m[g];
+    float o = 0.0f;
+    if (mx != -INFINITY) {
+#pragma unroll 4
+      for (int c = 0; c < n_parts; ++c) {
+        const float mc = __ldcg(w.m_part + (s0 + c) * G + g);
+        const float f = mc == -INFINITY ? 0.0f : exp2f(mc - mx);
+        o = fmaf(__ldcg(w.o_part + (s0 + c) * G * HD + i), f, o);
+      }
+    }
+    orow[i] = merge_l[g] > 0.0f ? o / merge_l[g] : 0.0f;
+  }
+  if (tid == 0) w.count[p] = 0;  // ready for the next launch
+}
 
-template <int HD>
-SplitFn SplitFor(int group) {
+template <int HD, int G, bool kTensor>
+__global__ void __launch_bounds__(kThreads)
+    DecodeKernel(DecodeAttentionArgs a, DevicePool pool, Workspace w, int min_keys, int stages) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t split_bytes = SplitAreaBytes(HD, G, kTensor, stages);
+  WarpStates st;
+  st.o = reinterpret_cast<float*>(smem);
+  st.o_stride = kTensor ? static_cast<int>(stages * TensorStageBytes(HD) / 4) : G * HD;
+  st.m = reinterpret_cast<float*>(smem + split_bytes);
+  st.l = reinterpret_cast<float*>(smem + split_bytes + StateBytes(G));
+  long long* prefix = reinterpret_cast<long long*>(smem + split_bytes + 2 * StateBytes(G));
+  __shared__ long long warp_sums[kWarps];
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int n_pairs = a.n_seqs * a.n_kv_heads;
+  const int64_t q_cols = static_cast<int64_t>(a.n_heads) * HD;
+
+  // Plan: prefix[p] = visible keys of the pairs before p.
+  {
+    const int per = (n_pairs + kThreads - 1) / kThreads;
+    const int lo = min(tid * per, n_pairs), hi = min(lo + per, n_pairs);
+    long long mine = 0;
+#pragma unroll 4
+    for (int p = lo; p < hi; ++p) {
+      prefix[p] = VisibleRange(a, p).n_keys;
+      mine += prefix[p];
+    }
+    long long total = 0;
+    long long run = BlockExclusiveScan(mine, warp_sums, &total);
+    for (int p = lo; p < hi; ++p) {
+      const long long n = prefix[p];
+      prefix[p] = run;
+      run += n;
+    }
+    if (tid == 0) prefix[n_pairs] = total;
+    __syncthreads();
+  }
+  const long long total = prefix[n_pairs];
+  const long long per_block =
+      max(static_cast<long long>(min_keys), (total + gridDim.x - 1) / gridDim.x);
+
+  // A pair without visible keys (only from inconsistent arguments) still gets an output.
+  for (int p = blockIdx.x; p < n_pairs; p += gridDim.x) {
+    if (prefix[p + 1] != prefix[p]) continue;
+    const int s = p / a.n_kv_heads, h = p % a.n_kv_heads;
+    const int64_t row = a.row != nullptr ? a.row[s] : s;
+    for (int i = tid; i < G * HD; i += kThreads) a.out[row * q_cols + h * G * HD + i] = 0.0f;
+  }
+
+  const long long begin = static_cast<long long>(blockIdx.x) * per_block;
+  const long long end = min(total, begin + per_block);
+  if (begin >= end) return;
+  int first_pair = 0;  // the last pair starting at or before `begin`: it holds key `begin`
+  for (int hi = n_pairs - 1; first_pair < hi;) {
+    const int mid = (first_pair + hi + 1) / 2;
+    if (prefix[mid] <= begin) {
+      first_pair = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+
+  for (int p = first_pair; p < n_pairs && prefix[p] < end; ++p) {
+    const long long p0 = prefix[p], p1 = prefix[p + 1];
+    if (p1 == p0) continue;
+    const int s = p / a.n_kv_heads, h = p % a.n_kv_heads;
+    const int64_t row = a.row != nullptr ? a.row[s] : s;
+    PairPart part;
+    part.r = VisibleRange(a, p);
+    part.k0 = static_cast<int>(max(begin, p0) - p0);
+    part.k1 = static_cast<int>(min(end, p1) - p0);
+    part.t_begin = a.table_begin[p];
+    part.t_len = a.table_len[p];
+    part.q = a.q + row * q_cols + static_cast<int64_t>(h) * G * HD;
+    if constexpr (kTensor) {
+      TensorSplit<HD, G>(a, pool, part, st, stages, reinterpret_cast<uint4*>(smem),
+                         reinterpret_cast<int*>(smem + kWarps * stages * TensorStageBytes(HD)));
+    } else {
+      ScalarSplit<HD, G>(a, pool, part, st);
+    }
+    __syncthreads();
+    const int first_block = static_cast<int>(p0 / per_block);
+    const int n_parts = static_cast<int>((p1 - 1) / per_block) - first_block + 1;
+    FinishPair<HD, G>(st, w, a.out + row * q_cols + static_cast<int64_t>(h) * G * HD, p,
+                      static_cast<int>(blockIdx.x) + p, first_block, n_parts);
+    __syncthreads();  // the split area, the states and FinishPair's shared are reused
+  }
+}
+
+using KernelFn = void (*)(DecodeAttentionArgs, DevicePool, Workspace, int, int);
+
+template <int HD, bool kTensor>
+KernelFn KernelFor(int group) {
   switch (group) {
     case 1:
-      return SplitKernel<HD, 1>;
+      return DecodeKernel<HD, 1, kTensor>;
     case 2:
-      return SplitKernel<HD, 2>;
+      return DecodeKernel<HD, 2, kTensor>;
     case 3:
-      return SplitKernel<HD, 3>;
+      return DecodeKernel<HD, 3, kTensor>;
     case 4:
-      return SplitKernel<HD, 4>;
+      return DecodeKernel<HD, 4, kTensor>;
     case 6:
-      return SplitKernel<HD, 6>;
+      return DecodeKernel<HD, 6, kTensor>;
     case 8:
-      return SplitKernel<HD, 8>;
+      return DecodeKernel<HD, 8, kTensor>;
     default:
       return nullptr;
   }
 }
 
-SplitFn SplitFor(int head_dim, int group) {
-  if (head_dim == 64) return SplitFor<64>(group);
-  if (head_dim == 128) return SplitFor<128>(group);
+KernelFn KernelFor(int head_dim, int group, bool tensor) {
+  if (head_dim == 64) return tensor ? KernelFor<64, true>(group) : KernelFor<64, false>(group);
+  if (head_dim == 128) return tensor ? KernelFor<128, true>(group) : KernelFor<128, false>(group);
   return nullptr;
 }
 
 }  // namespace
 
 bool DecodeAttentionSupports(int head_dim, int group) {
-  return SplitFor(head_dim, group) != nullptr;
+  return KernelFor(head_dim, group, false) != nullptr;
 }
 
 cudaError_t GetDecodeAttentionConfig(int head_dim, int group, int max_pairs,
-                                     DecodeAttentionConfig* cfg) {
-  const SplitFn fn = SplitFor(head_dim, group);
-  if (fn == nullptr || max_pairs <= 0) return cudaErrorInvalidValue;
-  int device = 0, sms = 0, per_sm = 0;
+                                     DecodeAttentionConfig* cfg, DecodeAttentionVariant variant,
+                                     int stages) {
+  const bool tensor =
+      variant == DecodeAttentionVariant::kTensorCores ||
+      (variant == DecodeAttentionVariant::kDefault && group >= kTensorCoresFromGroup);
+  if (stages == 0) stages = kDefaultStages;
+  const KernelFn fn = KernelFor(head_dim, group, tensor);
+  if (fn == nullptr || max_pairs <= 0 || stages < 2 || stages > kMaxStages) {
+    return cudaErrorInvalidValue;
+  }
+  int device = 0, sms = 0, optin = 0, per_sm = 0;
   cudaError_t e = cudaGetDevice(&device);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (e == cudaSuccess) {
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, 32 * kWarpsPerBlock, 0);
+    e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  }
+  if (e != cudaSuccess) return e;
+  const int64_t shared = SharedBytes(head_dim, group, tensor, stages, max_pairs);
+  if (shared > optin) return cudaErrorInvalidValue;
+  e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(shared));
+  if (e == cudaSuccess) {
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kThreads,
+                                                      static_cast<size_t>(shared));
   }
   if (e != cudaSuccess) return e;
   DecodeAttentionConfig c;
   c.head_dim = head_dim;
   c.group = group;
   c.max_pairs = max_pairs;
+  c.tensor_cores = tensor;
+  c.stages = tensor ? stages : 0;
   c.grid = std::max(1, sms * std::max(per_sm, 1));
-  c.target_items = c.grid * kWarpsPerBlock * kItemsPerWarp;
+  c.min_keys_per_block = kMinKeysPerBlock;
+  c.shared_bytes = shared;
   Carve(nullptr, c, &c.workspace_bytes);
   *cfg = c;
   return cudaSuccess;
+}
+
+cudaError_t InitDecodeAttentionWorkspace(const DecodeAttentionConfig& cfg, void* workspace,
+                                         cudaStream_t stream) {
+  return cudaMemsetAsync(workspace, 0, static_cast<size_t>(cfg.workspace_bytes), stream);
 }
 
 cudaError_t LaunchDecodeAttention(const DecodeAttentionArgs& a, const DevicePool& pool,
                                   const DecodeAttentionConfig& cfg, void* workspace,
                                   cudaStream_t stream) {
   if (a.n_kv_heads <= 0 || a.n_heads % a.n_kv_heads != 0 || pool.head_dim != cfg.head_dim ||
-      a.n_heads / a.n_kv_heads != cfg.group || pool.block_size <= 0) {
+      a.n_heads / a.n_kv_heads != cfg.group || pool.block_size <= 0 || a.n_seqs < 0 ||
+      cfg.min_keys_per_block <= 0 ||
+      (cfg.tensor_cores && (cfg.stages < 2 || cfg.stages > kMaxStages))) {
     return cudaErrorInvalidValue;
   }
   const int64_t n_pairs = static_cast<int64_t>(a.n_seqs) * a.n_kv_heads;
   if (n_pairs == 0) return cudaSuccess;
   if (n_pairs > cfg.max_pairs) return cudaErrorInvalidValue;
+  const KernelFn fn = KernelFor(cfg.head_dim, cfg.group, cfg.tensor_cores);
+  if (fn == nullptr) return cudaErrorInvalidValue;
   int64_t bytes = 0;
   const Workspace w = Carve(workspace, cfg, &bytes);
-  PlanKernel<<<1, kPlanThreads, 0, stream>>>(a, cfg.target_items, w.meta, w.item_start);
-  SplitFor(cfg.head_dim, cfg.group)<<<cfg.grid, 32 * kWarpsPerBlock, 0, stream>>>(a, pool, w);
-  MergeKernel<<<static_cast<unsigned>(n_pairs), kMergeThreads, 0, stream>>>(a, cfg.head_dim, w);
+  fn<<<cfg.grid, kThreads, cfg.shared_bytes, stream>>>(a, pool, w, cfg.min_keys_per_block,
+                                                       cfg.stages);
   return cudaGetLastError();
 }
 

@@ -1,9 +1,15 @@
 // The split-KV decode attention kernel (kernels/cuda/decode_attention.cu) against a plain host
-// reference (double precision) over the same paged pool: random batch sizes, GQA ratios, head
-// dims, lengths not a multiple of the block size, sinks with windows shorter and longer than the
-// sequence, dense pairs mixed with short ones, and random physical block placement where blocks
-// holding no visible key are left out of the tables (-1), so reading one would show.
+// reference (double precision) over the same paged fp16 pool: random batch sizes, GQA ratios,
+// head dims, lengths not a multiple of the block size, sinks with windows shorter and longer than
+// the sequence, dense pairs mixed with short ones, random physical block placement where blocks
+// holding no visible key are left out of the tables (-1), so reading one would show, and the
+// sequences' rows shuffled among extra rows that must stay untouched. Every case runs on both
+// kernels (CUDA cores, tensor cores at each pipeline depth) and with a small minimum of keys per
+// block (many partials to merge), each twice on one workspace (the second run checks that the
+// first left its arrival counters at zero). Block sizes of 8 and 24 positions make the tensor
+// kernel's 16-key tiles straddle pool blocks.
 // Runs on the GPU machine only (moa_gpu_tests --gtest_filter='Decode*').
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -16,18 +22,32 @@
 #include "absl/strings/str_format.h"
 #include "gtest/gtest.h"
 #include "kernels/cuda/decode_attention.h"
+#include "tests/gpu/cuda_test_util.h"
 
 namespace moa::cuda {
 namespace {
 
-#define CUDA_OK(expr)                                                          \
-  do {                                                                         \
-    cudaError_t err_ = (expr);                                                 \
-    ASSERT_EQ(err_, cudaSuccess) << #expr << ": " << cudaGetErrorString(err_); \
-  } while (0)
-
-// fp32 data, fp32 accumulation over up to a few thousand keys, against double.
+// The reference reads the same fp16 keys and values; what is left is fp32 accumulation over up
+// to a few thousand keys and the merge of partials, against double. The tensor kernel carries the
+// query and the softmax weights as fp16 hi + lo pairs, so it is held to the same tolerance.
 constexpr double kTolerance = 1e-4;
+
+struct Variant {
+  DecodeAttentionVariant kind;
+  int stages;    // 0: the default
+  int min_keys;  // 0: the default
+  const char* name;
+};
+
+constexpr Variant kVariants[] = {
+    {DecodeAttentionVariant::kCudaCores, 0, 0, "cuda cores"},
+    {DecodeAttentionVariant::kCudaCores, 0, 16, "cuda cores, min 16 keys per block"},
+    {DecodeAttentionVariant::kTensorCores, 2, 0, "tensor cores, 2 stages"},
+    {DecodeAttentionVariant::kTensorCores, 3, 0, "tensor cores, 3 stages"},
+    {DecodeAttentionVariant::kTensorCores, 4, 0, "tensor cores, 4 stages"},
+    {DecodeAttentionVariant::kTensorCores, 3, 16, "tensor cores, min 16 keys per block"},
+    {DecodeAttentionVariant::kDefault, 0, 0, "default"},
+};
 
 template <typename T>
 struct DeviceBuffer {
@@ -49,6 +69,7 @@ struct Case {
   int head_dim;
   int block_size;
   uint32_t seed;
+  int32_t fixed_len = 0;  // > 0: every sequence has this length
 };
 
 void RunCase(const Case& c) {
@@ -62,6 +83,10 @@ void RunCase(const Case& c) {
   // Lengths: mostly short, a few long ones (the case split-KV exists for), rarely 1.
   std::vector<int32_t> seq_len(c.n_seqs);
   for (int32_t& n : seq_len) {
+    if (c.fixed_len > 0) {
+      n = c.fixed_len;
+      continue;
+    }
     const int kind = std::uniform_int_distribution<int>(0, 9)(rng);
     n = kind == 0  ? 1
         : kind < 3 ? std::uniform_int_distribution<int>(1500, 4000)(rng)
@@ -108,15 +133,21 @@ void RunCase(const Case& c) {
   }
 
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> pool(2 * static_cast<size_t>(num_blocks) * bs * hd);
-  for (float& x : pool) x = normal(rng);
-  std::vector<float> q(static_cast<size_t>(c.n_seqs) * n_heads * hd);
+  std::vector<__half> pool(2 * static_cast<size_t>(num_blocks) * bs * hd);
+  for (__half& x : pool) x = __float2half(normal(rng));
+  // q has a few more rows than sequences; sequence s is at row_of[s].
+  const int n_rows = c.n_seqs + 3;
+  std::vector<int32_t> row_of(n_rows);
+  std::iota(row_of.begin(), row_of.end(), 0);
+  std::shuffle(row_of.begin(), row_of.end(), rng);
+  row_of.resize(c.n_seqs);
+  std::vector<float> q(static_cast<size_t>(n_rows) * n_heads * hd);
   for (float& x : q) x = 2.0f * normal(rng);  // sharper softmaxes than unit scores
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
   // Reference.
   const size_t value_offset = static_cast<size_t>(num_blocks) * bs * hd;
-  std::vector<float> want(q.size());
+  std::vector<float> want(q.size(), NAN);  // rows of no sequence stay poisoned
   for (int p = 0; p < n_pairs; ++p) {
     const int s = p / c.n_kv_heads, h = p % c.n_kv_heads;
     std::vector<int32_t> keys;
@@ -124,14 +155,14 @@ void RunCase(const Case& c) {
       if (k < sink_end[p] || k >= win_begin[p]) keys.push_back(k);
     }
     for (int g = 0; g < c.group; ++g) {
-      const size_t qoff = (static_cast<size_t>(s) * n_heads + h * c.group + g) * hd;
+      const size_t qoff = (static_cast<size_t>(row_of[s]) * n_heads + h * c.group + g) * hd;
       std::vector<double> score(keys.size());
       double mx = -INFINITY;
       for (size_t i = 0; i < keys.size(); ++i) {
         const int32_t id = tables[p][keys[i] / bs];
-        const float* key = pool.data() + (static_cast<size_t>(id) * bs + keys[i] % bs) * hd;
+        const __half* key = pool.data() + (static_cast<size_t>(id) * bs + keys[i] % bs) * hd;
         double dot = 0.0;
-        for (int d = 0; d < hd; ++d) dot += double{q[qoff + d]} * key[d];
+        for (int d = 0; d < hd; ++d) dot += double{q[qoff + d]} * __half2float(key[d]);
         score[i] = dot * scale;
         mx = std::max(mx, score[i]);
       }
@@ -141,20 +172,22 @@ void RunCase(const Case& c) {
         const double e = std::exp(score[i] - mx);
         l += e;
         const int32_t id = tables[p][keys[i] / bs];
-        const float* val =
+        const __half* val =
             pool.data() + value_offset + (static_cast<size_t>(id) * bs + keys[i] % bs) * hd;
-        for (int d = 0; d < hd; ++d) o[d] += e * val[d];
+        for (int d = 0; d < hd; ++d) o[d] += e * __half2float(val[d]);
       }
       for (int d = 0; d < hd; ++d) want[qoff + d] = static_cast<float>(o[d] / l);
     }
   }
 
-  DeviceBuffer<float> d_pool, d_q, d_out;
+  DeviceBuffer<__half> d_pool;
+  DeviceBuffer<float> d_q, d_out;
   DeviceBuffer<int64_t> d_begin;
-  DeviceBuffer<int32_t> d_len, d_data, d_sink, d_win, d_seq;
+  DeviceBuffer<int32_t> d_len, d_data, d_sink, d_win, d_seq, d_row;
   CUDA_OK(d_pool.Upload(pool));
   CUDA_OK(d_q.Upload(q));
   CUDA_OK(d_out.Upload(std::vector<float>(q.size(), NAN)));  // poison
+  CUDA_OK(d_row.Upload(row_of));
   CUDA_OK(d_begin.Upload(table_begin));
   CUDA_OK(d_len.Upload(table_len));
   CUDA_OK(d_data.Upload(table_data));
@@ -162,46 +195,72 @@ void RunCase(const Case& c) {
   CUDA_OK(d_win.Upload(win_begin));
   CUDA_OK(d_seq.Upload(seq_len));
 
-  DecodeAttentionConfig cfg;
-  CUDA_OK(GetDecodeAttentionConfig(hd, c.group, n_pairs, &cfg));
-  DeviceBuffer<char> d_ws;
-  CUDA_OK(cudaMalloc(&d_ws.ptr, cfg.workspace_bytes));
-  const DecodeAttentionArgs args{d_q.ptr,      d_out.ptr,  c.n_seqs,    n_heads,
-                                 c.n_kv_heads, scale,      d_begin.ptr, d_len.ptr,
-                                 d_data.ptr,   d_sink.ptr, d_win.ptr,   d_seq.ptr};
+  const DecodeAttentionArgs args{d_q.ptr,    d_out.ptr, c.n_seqs,    n_heads,   c.n_kv_heads,
+                                 scale,      d_row.ptr, d_begin.ptr, d_len.ptr, d_data.ptr,
+                                 d_sink.ptr, d_win.ptr, d_seq.ptr};
   const DevicePool dpool{d_pool.ptr, num_blocks, bs, hd};
-  CUDA_OK(LaunchDecodeAttention(args, dpool, cfg, d_ws.ptr, nullptr));
-  CUDA_OK(cudaDeviceSynchronize());
-  std::vector<float> got(q.size());
-  CUDA_OK(cudaMemcpy(got.data(), d_out.ptr, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  for (const Variant& v : kVariants) {
+    SCOPED_TRACE(v.name);
+    DecodeAttentionConfig cfg;
+    CUDA_OK(GetDecodeAttentionConfig(hd, c.group, n_pairs, &cfg, v.kind, v.stages));
+    if (v.kind != DecodeAttentionVariant::kDefault) {
+      ASSERT_EQ(cfg.tensor_cores, v.kind == DecodeAttentionVariant::kTensorCores);
+    }
+    if (v.min_keys > 0) cfg.min_keys_per_block = v.min_keys;
+    DeviceBuffer<char> d_ws;
+    CUDA_OK(cudaMalloc(&d_ws.ptr, cfg.workspace_bytes));
+    CUDA_OK(InitDecodeAttentionWorkspace(cfg, d_ws.ptr, nullptr));
+    for (int run = 0; run < 2; ++run) {
+      SCOPED_TRACE(run == 0 ? "first run" : "second run on the same workspace");
+      CUDA_OK(cudaMemcpy(d_out.ptr, std::vector<float>(q.size(), NAN).data(),
+                         q.size() * sizeof(float), cudaMemcpyHostToDevice));
+      CUDA_OK(LaunchDecodeAttention(args, dpool, cfg, d_ws.ptr, nullptr));
+      CUDA_OK(cudaDeviceSynchronize());
+      std::vector<float> got(q.size());
+      CUDA_OK(
+          cudaMemcpy(got.data(), d_out.ptr, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
 
-  double worst = 0.0, ref_max = 0.0;
-  size_t at = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    ref_max = std::max(ref_max, std::fabs(double{want[i]}));
-    const double e = std::fabs(double{got[i]} - double{want[i]});
-    if (!(e <= worst)) {  // NaN (poison left unwritten) counts as the worst
-      worst = std::isnan(e) ? INFINITY : e;
-      at = i;
+      double worst = 0.0, ref_max = 0.0;
+      size_t at = 0;
+      for (size_t i = 0; i < got.size(); ++i) {
+        if (std::isnan(want[i])) {  // a row of no sequence: must still hold the poison
+          ASSERT_TRUE(std::isnan(got[i])) << "row " << i / (n_heads * hd) << " was written";
+          continue;
+        }
+        ref_max = std::max(ref_max, std::fabs(double{want[i]}));
+        const double e = std::fabs(double{got[i]} - double{want[i]});
+        if (!(e <= worst)) {  // NaN (poison left unwritten) counts as the worst
+          worst = std::isnan(e) ? INFINITY : e;
+          at = i;
+        }
+      }
+      EXPECT_LE(worst / std::max(ref_max, 1e-30), kTolerance)
+          << "max |diff| " << worst << " at row " << at / (n_heads * hd) << " head "
+          << at % (n_heads * hd) / hd << " dim " << at % hd << ": gpu " << got[at] << ", ref "
+          << want[at];
     }
   }
-  EXPECT_LE(worst / std::max(ref_max, 1e-30), kTolerance)
-      << "max |diff| " << worst << " at seq " << at / (n_heads * hd) << " head "
-      << at % (n_heads * hd) / hd << " dim " << at % hd << ": gpu " << got[at] << ", ref "
-      << want[at];
 }
 
 TEST(DecodeAttention, MatchesHostReferenceAcrossShapes) {
   uint32_t seed = 1;
-  for (const int group : {1, 3, 4, 8}) {
+  for (const int group : {1, 2, 3, 4, 6, 8}) {
     for (const int head_dim : {64, 128}) {
       for (const int n_seqs : {1, 5, 33}) {
         const int n_kv_heads = group == 1 ? 4 : 2;
-        const int block_size = seed % 2 == 0 ? 16 : 32;
+        static constexpr int kBlockSizes[] = {16, 32, 8, 24};
+        const int block_size = kBlockSizes[seed % 4];
         RunCase({n_seqs, n_kv_heads, group, head_dim, block_size, seed++});
       }
     }
   }
+}
+
+// One long pair spread over more blocks than a block has threads: the merge of many partials.
+TEST(DecodeAttention, LongSinglePair) {
+  RunCase({1, 1, 4, 128, 16, 101, 40011});
+  RunCase({2, 1, 1, 64, 32, 102, 25003});
+  RunCase({1, 1, 8, 64, 24, 103, 30001});
 }
 
 TEST(DecodeAttention, RefusesUnsupportedShapes) {
@@ -209,9 +268,17 @@ TEST(DecodeAttention, RefusesUnsupportedShapes) {
   EXPECT_FALSE(DecodeAttentionSupports(128, 5));
   DecodeAttentionConfig cfg;
   EXPECT_EQ(GetDecodeAttentionConfig(96, 1, 4, &cfg), cudaErrorInvalidValue);
+  EXPECT_EQ(GetDecodeAttentionConfig(128, 5, 4, &cfg, DecodeAttentionVariant::kTensorCores),
+            cudaErrorInvalidValue);
+  for (const int stages : {1, 5}) {
+    EXPECT_EQ(
+        GetDecodeAttentionConfig(128, 4, 4, &cfg, DecodeAttentionVariant::kTensorCores, stages),
+        cudaErrorInvalidValue)
+        << stages << " stages";
+  }
   ASSERT_EQ(GetDecodeAttentionConfig(64, 2, 4, &cfg), cudaSuccess);
   // More pairs than the workspace was sized for.
-  const DecodeAttentionArgs args{nullptr, nullptr, 3,       4,       2,       1.0f,
+  const DecodeAttentionArgs args{nullptr, nullptr, 3,       4,       2,       1.0f,   nullptr,
                                  nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
   EXPECT_EQ(LaunchDecodeAttention(args, DevicePool{nullptr, 1, 16, 64}, cfg, nullptr, nullptr),
             cudaErrorInvalidValue);

@@ -10,15 +10,10 @@
 #include "gtest/gtest.h"
 #include "kernels/cuda/dequantize.h"
 #include "kernels/quant.h"
+#include "tests/gpu/cuda_test_util.h"
 
 namespace moa {
 namespace {
-
-#define CUDA_OK(expr)                                                          \
-  do {                                                                         \
-    cudaError_t err_ = (expr);                                                 \
-    ASSERT_EQ(err_, cudaSuccess) << #expr << ": " << cudaGetErrorString(err_); \
-  } while (0)
 
 // Random bytes with every fp16 scale field replaced by a finite, moderate value.
 std::vector<uint8_t> RandomBlocks(DType t, int64_t blocks, std::mt19937& rng) {
