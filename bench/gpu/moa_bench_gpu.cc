@@ -300,13 +300,18 @@ Json ToJson(const Row& r) {
 // narrowed to the last 16 keys (no sink), so the KV write is the backend's own and the attention
 // reads one or two blocks per query. Those keys are inside every window the model's heads keep
 // (a window is at least one 64-token plan block), so the manager's tables hold them.
+// Sequences RandomFill fills at once, for prompt chunks of `chunk` tokens.
+int64_t RandomFillGroup(int64_t chunk) {
+  constexpr int64_t kRowsPerCall = 8192;
+  return std::max<int64_t>(1, kRowsPerCall / std::max<int64_t>(chunk, 1));
+}
+
 absl::Status RandomFill(Backend& be, const ModelConfig& c, KvCacheManager& kv, KvPool& pool,
                         const std::vector<SeqId>& seqs, int64_t prompt, int64_t chunk,
                         uint64_t seed) {
-  constexpr int64_t kRowsPerCall = 8192;
   const int64_t q_cols = int64_t{c.n_heads} * c.head_dim;
   const int64_t kv_cols = int64_t{c.n_kv_heads} * c.head_dim;
-  const size_t group = static_cast<size_t>(std::max<int64_t>(1, kRowsPerCall / chunk));
+  const size_t group = static_cast<size_t>(RandomFillGroup(chunk));
   std::unique_ptr<Tensor> q, k, v, out;
   int64_t rows = -1;
   const std::vector<SpanRule> narrow(c.n_kv_heads, SpanRule{false, 0, 0.0});
@@ -433,29 +438,41 @@ absl::Status RunRow(Backend& be, const Shape& shape, int64_t prompt, const std::
 
   const KvLayout layout = model->kv_layout(kKvBlock);
   const int64_t total_len = prompt + warmup + steps;
-  const int64_t per_seq = PeakBlocks(layout, prompt, chunk, total_len);
+  // A sequence holds the most while a prompt chunk is written (`peak`: with a plan, a chunk still
+  // sees the keys its first row sees) and far less afterwards, when it is trimmed to its spans
+  // (`steady`: the most it holds grown one token at a time up to the end of the decode). The
+  // sequences are filled a few at a time (`fill_group`), so the pool needs every sequence's
+  // steady blocks plus the excess of one group; reserving every sequence's peak would hold the
+  // plans to the dense batch size.
+  const int64_t peak = PeakBlocks(layout, prompt, chunk, total_len);
+  const int64_t steady = PeakBlocks(layout, prompt, 1, total_len);
+  const int64_t fill_group = fill == "random" ? RandomFillGroup(chunk) : 1;
+  const auto blocks_for = [&](int64_t batch) {
+    return batch * steady + std::min(batch, fill_group) * (peak - steady);
+  };
   const double block_bytes = static_cast<double>(model->BytesPerKvBlock(kKvBlock));
   const double headroom =
       absl::GetFlag(FLAGS_headroom_gib) * kGiB +
       ActivationBytes(c, std::max<int64_t>(chunk, 64), absl::GetFlag(FLAGS_max_batch));
   const double for_kv = static_cast<double>(free) - headroom;
-  const double per_seq_bytes = static_cast<double>(per_seq) * block_bytes;
-  int64_t batch = for_kv > 0 ? static_cast<int64_t>(for_kv / per_seq_bytes) : 0;
-  batch = std::min<int64_t>(batch, absl::GetFlag(FLAGS_max_batch));
-  batch = std::min<int64_t>(batch, std::numeric_limits<int32_t>::max() / per_seq);
+  int64_t batch = absl::GetFlag(FLAGS_max_batch);
+  while (batch > 0 && (static_cast<double>(blocks_for(batch)) * block_bytes > for_kv ||
+                       blocks_for(batch) > std::numeric_limits<int32_t>::max())) {
+    --batch;
+  }
   std::fprintf(stderr,
-               "%smodel built in %.2f s; %.1f GiB free, %.2f GiB KV per sequence at its peak, "
-               "plan density %.3f: batch %lld\n",
-               tag.c_str(), row.build_s, free / kGiB, per_seq_bytes / kGiB, row.plan_density,
-               static_cast<long long>(batch));
+               "%smodel built in %.2f s; %.1f GiB free, KV per sequence %.2f GiB at its peak, "
+               "%.2f GiB after its prompt; plan density %.3f: batch %lld\n",
+               tag.c_str(), row.build_s, free / kGiB, peak * block_bytes / kGiB,
+               steady * block_bytes / kGiB, row.plan_density, static_cast<long long>(batch));
   if (batch < 1) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("not one sequence fits: ", per_seq_bytes / kGiB, " GiB of KV, ", for_kv / kGiB,
-                     " GiB free beyond the headroom"));
+        absl::StrCat("not one sequence fits: ", peak * block_bytes / kGiB, " GiB of KV, ",
+                     for_kv / kGiB, " GiB free beyond the headroom"));
   }
   row.batch = static_cast<int>(batch);
 
-  const int32_t blocks = static_cast<int32_t>(batch * per_seq);
+  const int32_t blocks = static_cast<int32_t>(blocks_for(batch));
   ASSIGN_OR_RETURN(std::unique_ptr<KvCacheManager> kv, KvCacheManager::Create(layout, blocks));
   ASSIGN_OR_RETURN(std::unique_ptr<KvPool> pool, model->NewKvPool(blocks, kKvBlock));
   std::vector<SeqId> seqs;
