@@ -141,6 +141,8 @@ class EngineImpl final : public Engine {
     bool has_token = false;
     absl::Time first_token, last_token;
     Sampler sampler;
+    TokenCounts seen;  // the penalties' counts of tokens[0, counted)
+    int64_t counted = 0;
     IncrementalDecoder decoder;
     StopMatcher stop;
     bool cancel = false;
@@ -575,7 +577,6 @@ void EngineImpl::RunStep(std::vector<Scheduled> batch, absl::Time step_start) {
   // far and the request's next draw (one per sampled token, as when the host sampled, so seeds
   // give the same streams); other rows (prefill chunks before the prompt's last) are picked
   // greedily and dropped. The logits come back only when some row wants logprobs.
-  std::vector<TokenCounts> counts(batch.size());
   std::vector<SampleRow> rows(batch.size());
   bool want_logits = false;
   for (size_t i = 0; i < batch.size(); ++i) {
@@ -583,9 +584,10 @@ void EngineImpl::RunStep(std::vector<Scheduled> batch, absl::Time step_start) {
     if (r.computed + batch[i].n != static_cast<int64_t>(r.tokens.size())) continue;
     rows[i].params = r.sampler.params();
     if (HasPenalties(rows[i].params)) {
-      counts[i] = CountTokens(r.tokens, vocab);
-      rows[i].penalty_ids = counts[i].ids;
-      rows[i].penalty_counts = counts[i].counts;
+      AddTokenCounts(absl::MakeConstSpan(r.tokens).subspan(r.counted), vocab, &r.seen);
+      r.counted = static_cast<int64_t>(r.tokens.size());
+      rows[i].penalty_ids = r.seen.ids;
+      rows[i].penalty_counts = r.seen.counts;
     }
     rows[i].u = r.sampler.NextUniform();
     want_logits |= r.req.top_logprobs > 0;

@@ -3,9 +3,11 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "kernels/backend.h"
 
@@ -28,6 +30,29 @@ absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, absl::strin
 // pool whose blocks hold `pool_head_dim` values per position.
 absl::Status CheckAttentionArgs(const Tensor& q, const Tensor& k, const Tensor& v,
                                 const Tensor& out, const AttentionParams& p, int pool_head_dim);
+
+// `t` as a backend's own tensor type T (which has is_activation()), or INVALID_ARGUMENT
+// "<what>: not a <backend> tensor" naming the backend ("CPU", "CUDA").
+template <typename T>
+absl::StatusOr<const T*> AsBackendTensor(const Tensor& t, absl::string_view what,
+                                         absl::string_view backend) {
+  const auto* c = dynamic_cast<const T*>(&t);
+  if (c == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": not a ", backend, " tensor"));
+  }
+  return c;
+}
+// The same for an activation: "<what>: not a <backend> activation" for anything else.
+template <typename T>
+absl::StatusOr<T*> AsBackendActivation(
+    std::conditional_t<std::is_const_v<T>, const Tensor, Tensor>& t, absl::string_view what,
+    absl::string_view backend) {
+  auto* c = dynamic_cast<T*>(&t);
+  if (c == nullptr || !c->is_activation()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": not a ", backend, " activation"));
+  }
+  return c;
+}
 
 // Backend::GatherRows's arguments: out is [rows.size(), x.cols()], every index a row of x.
 absl::Status CheckGatherRows(const Tensor& x, absl::Span<const int64_t> rows, const Tensor& out);

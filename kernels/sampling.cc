@@ -41,21 +41,38 @@ bool HasPenalties(const SamplingParams& p) {
 }
 
 TokenCounts CountTokens(absl::Span<const int32_t> history, int32_t vocab) {
+  TokenCounts c;
+  AddTokenCounts(history, vocab, &c);
+  return c;
+}
+
+void AddTokenCounts(absl::Span<const int32_t> tokens, int32_t vocab, TokenCounts* counts) {
   std::vector<int32_t> sorted;
-  sorted.reserve(history.size());
-  for (int32_t t : history) {
+  sorted.reserve(tokens.size());
+  for (int32_t t : tokens) {
     if (t >= 0 && t < vocab) sorted.push_back(t);
   }
+  if (sorted.empty()) return;
   std::sort(sorted.begin(), sorted.end());
-  TokenCounts c;
-  for (size_t i = 0; i < sorted.size(); ++i) {
-    if (i == 0 || sorted[i] != sorted[i - 1]) {
-      c.ids.push_back(sorted[i]);
-      c.counts.push_back(0);
+  // Merge the sorted new tokens into the sorted (id, count) lists.
+  TokenCounts merged;
+  merged.ids.reserve(counts->ids.size() + sorted.size());
+  merged.counts.reserve(counts->ids.size() + sorted.size());
+  size_t i = 0, j = 0;
+  while (i < counts->ids.size() || j < sorted.size()) {
+    const bool old_first =
+        j == sorted.size() || (i < counts->ids.size() && counts->ids[i] <= sorted[j]);
+    const int32_t id = old_first ? counts->ids[i] : sorted[j];
+    int32_t n = 0;
+    if (i < counts->ids.size() && counts->ids[i] == id) n += counts->counts[i++];
+    while (j < sorted.size() && sorted[j] == id) {
+      ++n;
+      ++j;
     }
-    ++c.counts.back();
+    merged.ids.push_back(id);
+    merged.counts.push_back(n);
   }
-  return c;
+  *counts = std::move(merged);
 }
 
 absl::Status CheckSampleArgs(int64_t logit_rows, int64_t vocab, absl::Span<const SampleRow> rows,

@@ -42,6 +42,9 @@ struct TokenCounts {
 };
 // Ids outside [0, vocab) are dropped.
 TokenCounts CountTokens(absl::Span<const int32_t> history, int32_t vocab);
+// Adds `tokens` to `counts`, as if CountTokens had seen them too: a sequence's counts follow it
+// token by token instead of being recounted over the whole history every step.
+void AddTokenCounts(absl::Span<const int32_t> tokens, int32_t vocab, TokenCounts* counts);
 
 // One row of a batched pick.
 struct SampleRow {

@@ -102,59 +102,8 @@ TEST(RopeInvFreq, RejectsBadParameters) {
 // ---------------------------------------------------------------------------------------------
 // A tiny random model with float32 weights owned by the test.
 
-ModelConfig TinyConfig() {
-  ModelConfig c;
-  c.name = "tiny";
-  c.n_layers = 2;
-  c.d_model = 64;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 16;
-  c.d_ff = 80;
-  c.vocab_size = 97;
-  c.max_context = 512;
-  c.rms_eps = 1e-5f;
-  c.rope_theta = 10000.0;
-  return c;
-}
-
-ModelFile TinyModel(const ModelConfig& c, unsigned seed) {
-  std::mt19937 rng(seed);
-  ModelFile m;
-  m.config = c;
-  auto add = [&](const std::string& name, std::vector<int64_t> shape, float mean, float stddev) {
-    HostTensor t;
-    t.name = name;
-    t.dtype = DType::kF32;
-    t.shape = shape;
-    auto buf = std::make_shared<std::vector<float>>(t.NumElements());
-    std::normal_distribution<float> dist(mean, stddev);
-    for (float& x : *buf) x = dist(rng);
-    t.data = reinterpret_cast<const uint8_t*>(buf->data());
-    t.nbytes = static_cast<int64_t>(buf->size() * sizeof(float));
-    t.owner = buf;
-    m.tensors[name] = std::move(t);
-  };
-  const int64_t d = c.d_model, q = int64_t{c.n_heads} * c.head_dim,
-                kv = int64_t{c.n_kv_heads} * c.head_dim;
-  const float sd = 1.0f / std::sqrt(static_cast<float>(d));
-  add("token_embd.weight", {c.vocab_size, d}, 0.0f, 1.0f);
-  add("output_norm.weight", {d}, 1.0f, 0.1f);
-  if (!c.tied_embeddings) add("output.weight", {c.vocab_size, d}, 0.0f, sd);
-  for (int l = 0; l < c.n_layers; ++l) {
-    const std::string p = absl::StrCat("blk.", l, ".");
-    add(p + "attn_norm.weight", {d}, 1.0f, 0.1f);
-    add(p + "attn_q.weight", {q, d}, 0.0f, 2 * sd);  // sharper attention than uniform
-    add(p + "attn_k.weight", {kv, d}, 0.0f, 2 * sd);
-    add(p + "attn_v.weight", {kv, d}, 0.0f, sd);
-    add(p + "attn_output.weight", {d, q}, 0.0f, 1.0f / std::sqrt(static_cast<float>(q)));
-    add(p + "ffn_norm.weight", {d}, 1.0f, 0.1f);
-    add(p + "ffn_gate.weight", {c.d_ff, d}, 0.0f, sd);
-    add(p + "ffn_up.weight", {c.d_ff, d}, 0.0f, sd);
-    add(p + "ffn_down.weight", {d, c.d_ff}, 0.0f, 1.0f / std::sqrt(static_cast<float>(c.d_ff)));
-  }
-  return m;
-}
+using testing::TinyConfig;
+using testing::TinyModel;
 
 // The plain forward pass: a whole sequence from position 0, double precision, attention as a
 // dense softmax under the explicit mask IsVisible() (everything causal when `plan` is null).

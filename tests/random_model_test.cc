@@ -11,23 +11,13 @@
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "kvcache/kv_cache_manager.h"
+#include "tests/test_util.h"
 
 namespace moa {
 namespace {
 
-ModelConfig TinyConfig() {
-  ModelConfig c;
-  c.name = "tiny-random";
-  c.n_layers = 2;
-  c.d_model = 32;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 8;
-  c.d_ff = 48;
-  c.vocab_size = 97;
-  c.max_context = 256;
-  return c;
-}
+using testing::RandomTokens;
+using testing::TinyConfig;
 
 // Sink 4, blocks of 4: windows of 8 to 12 tokens on three of the four heads.
 constexpr char kPlan[] = R"({
@@ -36,14 +26,6 @@ constexpr char kPlan[] = R"({
   "rules": [[{"alpha": 8, "beta": 0}, {"dense": true}],
             [{"alpha": 4, "beta": 0.1}, {"alpha": 12, "beta": 0}]]
 })";
-
-std::vector<int32_t> RandomTokens(int64_t n, int vocab, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::uniform_int_distribution<int32_t> dist(0, vocab - 1);
-  std::vector<int32_t> t(n);
-  for (int32_t& x : t) x = dist(rng);
-  return t;
-}
 
 // Logits of every token of `tokens`, prefilled in one step.
 std::vector<float> AllLogits(LlamaModel& model, const std::vector<int32_t>& tokens) {

@@ -260,6 +260,21 @@ TEST(CountTokens, SortedDistinctWithCountsDroppingOutOfRange) {
   EXPECT_TRUE(CountTokens({}, 10).ids.empty());
 }
 
+TEST(CountTokens, AddingTokenByTokenEqualsRecounting) {
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int32_t> tok(-2, 40);
+  std::vector<int32_t> history;
+  TokenCounts running;
+  for (int step = 0; step < 300; ++step) {
+    const size_t before = history.size();
+    for (int k = step % 3; k >= 0; --k) history.push_back(tok(rng));
+    AddTokenCounts(absl::MakeConstSpan(history).subspan(before), 37, &running);
+    const TokenCounts whole = CountTokens(history, 37);
+    ASSERT_EQ(running.ids, whole.ids) << "step " << step;
+    ASSERT_EQ(running.counts, whole.counts) << "step " << step;
+  }
+}
+
 TEST(CheckSampleArgs, NamesRowAndProblem) {
   const std::vector<int32_t> ids = {1, 4}, counts = {1, 2}, one = {1};
   std::vector<SampleRow> rows(2, Row(1, 0.5));

@@ -122,25 +122,13 @@ class CpuKvPool : public KvPool {
 };
 
 absl::StatusOr<const CpuTensor*> AsCpu(const Tensor& t, absl::string_view what) {
-  const auto* c = dynamic_cast<const CpuTensor*>(&t);
-  if (c == nullptr) return absl::InvalidArgumentError(absl::StrCat(what, ": not a CPU tensor"));
-  return c;
+  return AsBackendTensor<CpuTensor>(t, what, "CPU");
 }
-
 absl::StatusOr<const CpuTensor*> AsActivation(const Tensor& t, absl::string_view what) {
-  const auto* c = dynamic_cast<const CpuTensor*>(&t);
-  if (c == nullptr || !c->is_activation()) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": not a CPU activation"));
-  }
-  return c;
+  return AsBackendActivation<const CpuTensor>(t, what, "CPU");
 }
-
 absl::StatusOr<CpuTensor*> AsActivation(Tensor& t, absl::string_view what) {
-  auto* c = dynamic_cast<CpuTensor*>(&t);
-  if (c == nullptr || !c->is_activation()) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": not a CPU activation"));
-  }
-  return c;
+  return AsBackendActivation<CpuTensor>(t, what, "CPU");
 }
 
 class CpuBackend : public Backend {

@@ -177,25 +177,13 @@ int64_t FirstMissingKey(absl::Span<const int32_t> table, int64_t from, int64_t t
 }
 
 absl::StatusOr<const CudaTensor*> AsCuda(const Tensor& t, absl::string_view what) {
-  const auto* c = dynamic_cast<const CudaTensor*>(&t);
-  if (c == nullptr) return absl::InvalidArgumentError(absl::StrCat(what, ": not a CUDA tensor"));
-  return c;
+  return AsBackendTensor<CudaTensor>(t, what, "CUDA");
 }
-
 absl::StatusOr<const CudaTensor*> AsActivation(const Tensor& t, absl::string_view what) {
-  const auto* c = dynamic_cast<const CudaTensor*>(&t);
-  if (c == nullptr || !c->is_activation()) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": not a CUDA activation"));
-  }
-  return c;
+  return AsBackendActivation<const CudaTensor>(t, what, "CUDA");
 }
-
 absl::StatusOr<CudaTensor*> AsActivation(Tensor& t, absl::string_view what) {
-  auto* c = dynamic_cast<CudaTensor*>(&t);
-  if (c == nullptr || !c->is_activation()) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": not a CUDA activation"));
-  }
-  return c;
+  return AsBackendActivation<CudaTensor>(t, what, "CUDA");
 }
 
 // Per-call host data (positions, block tables ...) copied to a reused device buffer.

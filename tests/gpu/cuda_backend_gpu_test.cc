@@ -24,16 +24,14 @@
 #include "kernels/cuda/decode_attention.h"
 #include "kernels/quant.h"
 #include "kvcache/kv_cache_manager.h"
+#include "tests/gpu/cuda_test_util.h"
+#include "tests/gpu/model_run.h"
 
 namespace moa {
 namespace {
 
-std::string SourceDir() {
-  const char* env = std::getenv("MOA_SOURCE_DIR");
-  return env != nullptr && *env != '\0' ? env : ".";
-}
-
-bool FileExists(const std::string& path) { return std::ifstream(path).good(); }
+using gpu_test::FileExists;
+using gpu_test::SourceDir;
 
 std::vector<float> RandomFloats(int64_t n, std::mt19937& rng, float sd = 1.0f) {
   std::normal_distribution<float> dist(0.0f, sd);
@@ -498,38 +496,8 @@ TEST_F(CudaBackendTest, AttentionMissingBlocks) {
 // ---------------------------------------------------------------------------------------------
 // Whole models through LlamaModel.
 
-struct ModelRun {
-  std::vector<float> logits;  // [positions, vocab]
-};
-
-// Prefill in chunks of `chunk` up to `prefill`, then one token per step, logits at every position.
-absl::StatusOr<ModelRun> RunModel(const ModelFile& file, Backend& be,
-                                  const std::vector<int32_t>& tokens, int64_t prefill,
-                                  int64_t chunk) {
-  absl::StatusOr<std::unique_ptr<LlamaModel>> model = LlamaModel::Create(file, &be, nullptr);
-  if (!model.ok()) return model.status();
-  constexpr int32_t kBlock = 16;
-  const KvLayout layout = (*model)->kv_layout(kBlock);
-  const int64_t n = static_cast<int64_t>(tokens.size());
-  const int32_t blocks = static_cast<int32_t>(int64_t{layout.n_layers} * layout.n_kv_heads *
-                                              ((n + kBlock - 1) / kBlock));
-  absl::StatusOr<std::unique_ptr<KvCacheManager>> kv = KvCacheManager::Create(layout, blocks);
-  if (!kv.ok()) return kv.status();
-  absl::StatusOr<std::unique_ptr<KvPool>> pool = (*model)->NewKvPool(blocks, kBlock);
-  if (!pool.ok()) return pool.status();
-  const SeqId seq = (*kv)->AddSequence();
-  ModelRun run;
-  for (int64_t past = 0; past < n;) {
-    const int64_t step = past < prefill ? std::min(chunk, prefill - past) : 1;
-    if (absl::Status s = (*kv)->Grow(seq, past + step); !s.ok()) return s;
-    ForwardInput in{seq, past, absl::MakeConstSpan(tokens).subspan(past, step), true};
-    absl::Status s = (*model)->Forward({&in, 1}, **kv, **pool, &run.logits);
-    (*kv)->Trim(seq);
-    if (!s.ok()) return s;
-    past += step;
-  }
-  return run;
-}
+using gpu_test::ModelRun;
+using gpu_test::RunModel;
 
 // Same top-1 at every position (unless the CPU's lead over the GPU's choice is below
 // tie_margin) and logits within max_abs / mean_abs of the CPU's.

@@ -49,18 +49,7 @@ constexpr Variant kVariants[] = {
     {DecodeAttentionVariant::kDefault, 0, 0, "default"},
 };
 
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  ~DeviceBuffer() { cudaFree(ptr); }
-  cudaError_t Upload(const std::vector<T>& v) {
-    cudaError_t e = cudaMalloc(&ptr, std::max<size_t>(1, v.size()) * sizeof(T));
-    if (e == cudaSuccess && !v.empty()) {
-      e = cudaMemcpy(ptr, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
-    }
-    return e;
-  }
-};
+using gpu_test::DeviceBuffer;
 
 struct Case {
   int n_seqs;

@@ -25,16 +25,13 @@
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "tests/gpu/cuda_test_util.h"
 
 namespace moa {
 namespace {
 
-std::string SourceDir() {
-  const char* env = std::getenv("MOA_SOURCE_DIR");
-  return env != nullptr && *env != '\0' ? env : ".";
-}
-
-bool FileExists(const std::string& path) { return std::ifstream(path).good(); }
+using gpu_test::FileExists;
+using gpu_test::SourceDir;
 
 std::string TinyModelPath() { return SourceDir() + "/tests/data/generated/tiny/model-f32.gguf"; }
 std::string DefaultModelPath() { return SourceDir() + "/models/SmolLM2-135M-Instruct.Q4_1.gguf"; }

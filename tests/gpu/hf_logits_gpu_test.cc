@@ -17,15 +17,13 @@
 #include "engine/model/model_file.h"
 #include "gtest/gtest.h"
 #include "kernels/cuda/cuda_backend.h"
-#include "kvcache/kv_cache_manager.h"
+#include "tests/gpu/cuda_test_util.h"
+#include "tests/gpu/model_run.h"
 
 namespace moa {
 namespace {
 
-std::string SourceDir() {
-  const char* env = std::getenv("MOA_SOURCE_DIR");
-  return env != nullptr && *env != '\0' ? env : ".";
-}
+using gpu_test::SourceDir;
 
 struct Reference {
   std::vector<int32_t> ids;
@@ -58,7 +56,7 @@ std::vector<Reference> ReadReferences(const std::string& path) {
 
 TEST(HfTransformers, DefaultModelLogitsMatch) {
   const std::string model_path = SourceDir() + "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
-  if (!std::ifstream(model_path).good()) {
+  if (!gpu_test::FileExists(model_path)) {
     GTEST_SKIP() << model_path << " is absent: set MOA_SOURCE_DIR to the repository root";
   }
   const char* env = std::getenv("MOA_HF_LOGITS");
@@ -76,29 +74,16 @@ TEST(HfTransformers, DefaultModelLogitsMatch) {
       LlamaModel::Create(*file, gpu->get(), nullptr);
   ASSERT_TRUE(model.ok()) << model.status();
   const int64_t vocab = file->config.vocab_size;
-  constexpr int32_t kBlock = 16;
   constexpr int64_t kChunk = 200;  // prefill in chunks: exercises attention on top of a cache
-  const KvLayout layout = (*model)->kv_layout(kBlock);
 
   int long_prompts = 0;
   for (const Reference& r : refs) {
     ASSERT_EQ(r.vocab, vocab);
     const int64_t n = static_cast<int64_t>(r.ids.size());
     long_prompts += n > 1000;
-    const int32_t blocks = static_cast<int32_t>(int64_t{layout.n_layers} * layout.n_kv_heads *
-                                                ((n + kBlock - 1) / kBlock));
-    auto kv = KvCacheManager::Create(layout, blocks);
-    ASSERT_TRUE(kv.ok()) << kv.status();
-    auto pool = (*model)->NewKvPool(blocks, kBlock);
-    ASSERT_TRUE(pool.ok()) << pool.status();
-    const SeqId seq = (*kv)->AddSequence();
-    std::vector<float> logits;
-    for (int64_t past = 0; past < n; past += kChunk) {
-      const int64_t step = std::min(kChunk, n - past);
-      ASSERT_TRUE((*kv)->Grow(seq, past + step).ok());
-      ForwardInput in{seq, past, absl::MakeConstSpan(r.ids).subspan(past, step), true};
-      ASSERT_TRUE((*model)->Forward({&in, 1}, **kv, **pool, &logits).ok());
-    }
+    absl::StatusOr<gpu_test::ModelRun> run = gpu_test::RunSequence(**model, r.ids, n, kChunk);
+    ASSERT_TRUE(run.ok()) << run.status();
+    const std::vector<float>& logits = run->logits;
     ASSERT_EQ(logits.size(), r.logits.size());
 
     double worst = 0, sum = 0;

@@ -36,18 +36,7 @@ namespace {
 constexpr double kTolerance = 2e-3;
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  ~DeviceBuffer() { cudaFree(ptr); }
-  cudaError_t Upload(const std::vector<T>& v) {
-    cudaError_t e = cudaMalloc(&ptr, std::max<size_t>(1, v.size()) * sizeof(T));
-    if (e == cudaSuccess && !v.empty()) {
-      e = cudaMemcpy(ptr, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
-    }
-    return e;
-  }
-};
+using gpu_test::DeviceBuffer;
 
 struct Case {
   int n_kv_heads;

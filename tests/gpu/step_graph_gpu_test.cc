@@ -20,14 +20,13 @@
 #include "gtest/gtest.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kvcache/kv_cache_manager.h"
+#include "tests/gpu/cuda_test_util.h"
 
 namespace moa {
 namespace {
 
 std::string TinyModelPath() {
-  const char* env = std::getenv("MOA_SOURCE_DIR");
-  return std::string(env != nullptr && *env != '\0' ? env : ".") +
-         "/tests/data/generated/tiny/model-f32.gguf";
+  return gpu_test::SourceDir() + "/tests/data/generated/tiny/model-f32.gguf";
 }
 
 // One engine-like run: `n_seqs` sequences with prompts of different lengths, then `steps` decode
@@ -79,7 +78,7 @@ std::vector<float> RunDecodeSteps(Backend& be, const ModelFile& file, const MoaP
 
 TEST(CudaGraphs, ReplayedDecodeStepsMatchDirectLaunches) {
   const std::string path = TinyModelPath();
-  if (!std::ifstream(path).good()) {
+  if (!gpu_test::FileExists(path)) {
     GTEST_SKIP() << path << " is absent: set MOA_SOURCE_DIR to the repository root and carry "
                  << "tests/data/generated/tiny";
   }
