@@ -224,7 +224,7 @@ absl::StatusOr<std::unique_ptr<Tensor>> LlamaModel::ForwardToLogits(
       if (in.all_logits || i == n - 1) wanted_rows.push_back(first + i);
     }
     tokens.insert(tokens.end(), in.tokens.begin(), in.tokens.end());
-    slices.push_back({in.past, n, {}});
+    slices.push_back({in.past, n, {}, {}});
   }
   const int64_t rows = static_cast<int64_t>(tokens.size());
   const int64_t d = c.d_model;
@@ -246,8 +246,11 @@ absl::StatusOr<std::unique_ptr<Tensor>> LlamaModel::ForwardToLogits(
     // Per layer, each sequence's block tables of every KV head, as the backend takes them.
     const size_t n_seqs = batch.size();
     std::vector<absl::Span<const int32_t>> tables(n_seqs * c.n_kv_heads);
+    std::vector<TableVersion> versions(n_seqs * c.n_kv_heads);
     for (size_t s = 0; s < n_seqs; ++s) {
       slices[s].block_tables = absl::MakeConstSpan(tables).subspan(s * c.n_kv_heads, c.n_kv_heads);
+      slices[s].table_versions =
+          absl::MakeConstSpan(versions).subspan(s * c.n_kv_heads, c.n_kv_heads);
     }
 
     RETURN_IF_ERROR(be.Embed(*im.token_embd, tokens, *x));
@@ -268,7 +271,9 @@ absl::StatusOr<std::unique_ptr<Tensor>> LlamaModel::ForwardToLogits(
       ap.layer = l;
       for (size_t s = 0; s < n_seqs; ++s) {
         for (int h = 0; h < c.n_kv_heads; ++h) {
-          tables[s * c.n_kv_heads + h] = kv.table(batch[s].seq, l, h).blocks;
+          const HeadBlockTable& t = kv.table(batch[s].seq, l, h);
+          tables[s * c.n_kv_heads + h] = t.blocks;
+          versions[s * c.n_kv_heads + h] = {t.id, t.version};
         }
       }
       ap.rules = im.rules.empty() ? absl::Span<const SpanRule>() : im.rules[l];

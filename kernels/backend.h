@@ -42,10 +42,21 @@ class KvPool {
 // block_tables has one table per KV head of the layer being computed: entry b is the pool block
 // that holds positions [b * block_size, (b + 1) * block_size) of that head, -1 where none does.
 // (Tables are plain int32 arrays so that a GPU backend can upload them as they are.)
+//
+// table_versions is empty or has one entry per table. It lets a device backend keep its own copy
+// of the tables across calls and send only what changed, instead of every table every step:
+// tables with the same non-zero id are the same table (one KV head of one layer of one
+// sequence), and while its version stays the same its entries stay the same. Id 0: a table
+// without identity, read afresh. KvCacheManager's tables carry ids unique in the process.
+struct TableVersion {
+  uint64_t id = 0;
+  uint64_t version = 0;
+};
 struct SequenceSlice {
   int64_t past = 0;
   int64_t n_new = 0;
   absl::Span<const absl::Span<const int32_t>> block_tables;
+  absl::Span<const TableVersion> table_versions;
 };
 
 struct AttentionParams {

@@ -49,6 +49,15 @@ absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, absl::strin
   return absl::OkStatus();
 }
 
+absl::Status CheckTableVersions(const SequenceSlice& s, size_t index, int n_kv_heads) {
+  if (s.table_versions.empty() || static_cast<int>(s.table_versions.size()) == n_kv_heads) {
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat("Attention: sequence ", index, ": ",
+                                                 s.table_versions.size(), " table versions for ",
+                                                 n_kv_heads, " kv heads"));
+}
+
 absl::Status CheckAttentionArgs(const Tensor& q, const Tensor& k, const Tensor& v,
                                 const Tensor& out, const AttentionParams& p, int pool_head_dim) {
   if (p.n_heads <= 0 || p.n_kv_heads <= 0 || p.head_dim <= 0 || p.n_heads % p.n_kv_heads != 0) {

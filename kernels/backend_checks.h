@@ -28,6 +28,8 @@ absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, absl::strin
 
 // Backend::Attention's parameters and tensor shapes (everything but the block tables), for a KV
 // pool whose blocks hold `pool_head_dim` values per position.
+// A slice's table_versions: empty or one per KV head (SequenceSlice). `index` names the slice.
+absl::Status CheckTableVersions(const SequenceSlice& s, size_t index, int n_kv_heads);
 absl::Status CheckAttentionArgs(const Tensor& q, const Tensor& k, const Tensor& v,
                                 const Tensor& out, const AttentionParams& p, int pool_head_dim);
 

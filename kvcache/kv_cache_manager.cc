@@ -1,6 +1,7 @@
 #include "kvcache/kv_cache_manager.h"
 
 #include <algorithm>
+#include <atomic>
 #include <numeric>
 #include <utility>
 
@@ -124,6 +125,10 @@ SeqId KvCacheManager::AddSequence() {
   const SeqId id = next_id_++;
   Sequence& s = seqs_[id];
   s.heads.resize(static_cast<size_t>(layout_.n_layers) * layout_.n_kv_heads);
+  // Process-wide, so that a backend serving several managers never mixes up their tables.
+  static std::atomic<uint64_t> next_table_id{1};
+  const uint64_t first = next_table_id.fetch_add(s.heads.size());
+  for (size_t i = 0; i < s.heads.size(); ++i) s.heads[i].table.id = first + i;
   return id;
 }
 
@@ -168,7 +173,11 @@ absl::Status KvCacheManager::Grow(SeqId seq, int64_t new_len) {
   const int64_t end = CeilDiv(new_len, layout_.block_size);
   for (Head& h : s.heads) {
     std::vector<int32_t>& t = h.table.blocks;
-    if (static_cast<int64_t>(t.size()) < end) t.resize(end, -1);
+    bool changed = false;
+    if (static_cast<int64_t>(t.size()) < end) {
+      t.resize(end, -1);
+      changed = true;
+    }
     for (int64_t b = first; b < end; ++b) {
       if (t[b] >= 0) continue;
       const int32_t id = free_list_.back();
@@ -176,7 +185,9 @@ absl::Status KvCacheManager::Grow(SeqId seq, int64_t new_len) {
       in_use_[id] = 1;
       t[b] = id;
       ++h.held;
+      changed = true;
     }
+    h.table.version += changed;
   }
   s.length = new_len;
   s.trimmed = false;
@@ -204,6 +215,7 @@ void KvCacheManager::Trim(SeqId seq) {
         FreeBlock(t[b]);
         t[b] = -1;
         --h.held;
+        ++h.table.version;
       }
       h.trimmed_upto = std::max(h.trimmed_upto, window_first);
     }

@@ -61,9 +61,13 @@ using SeqId = int64_t;
 
 // What the attention kernels need to find a head's keys and values: for logical block b
 // (positions b*block_size ..), the physical block id, or -1 where the block was freed (or, below
-// a sink, never needed).
+// a sink, never needed). `id` is unique in the process (no two tables of any managers share
+// one) and `version` changes whenever `blocks` does, so that a backend may keep a copy of the
+// table and send only changes (TableVersion, kernels/backend.h).
 struct HeadBlockTable {
   std::vector<int32_t> blocks;
+  uint64_t id = 0;
+  uint64_t version = 0;
 };
 
 class KvCacheManager {

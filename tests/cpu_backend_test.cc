@@ -389,7 +389,7 @@ std::vector<float> RunChunks(Backend& be, const AttnSetup& s, const SpanParams& 
     AttentionParams p{0, s.n_heads, s.n_kv, s.hd, scale, sp, rules};
     EXPECT_TRUE(kv.Grow(id, past + n).ok());
     const std::vector<absl::Span<const int32_t>> tables = Tables(kv, id);
-    const SequenceSlice seq{past, n, tables};
+    const SequenceSlice seq{past, n, tables, {}};
     EXPECT_TRUE(be.Attention(*q, *k, *v, {&seq, 1}, p, *paged.pool, *out).ok());
     kv.Trim(id);
     const std::vector<float> y = Download(be, *out);
@@ -485,7 +485,7 @@ TEST(CpuBackend, AttentionBatchOfSequencesEqualsEachAlone) {
     const SeqId id = paged.kv->AddSequence();
     ASSERT_TRUE(paged.kv->Grow(id, s.len).ok());
     tables.push_back(Tables(*paged.kv, id));
-    slices.push_back({0, s.len, tables.back()});
+    slices.push_back({0, s.len, tables.back(), {}});
     q.insert(q.end(), s.q.begin(), s.q.end());
     k.insert(k.end(), s.k.begin(), s.k.end());
     v.insert(v.end(), s.v.begin(), s.v.end());
@@ -519,14 +519,14 @@ TEST(CpuBackend, AttentionRejectsBadInput) {
   ASSERT_TRUE(be->CopyFromHost(std::vector<float>(8, 0.5f), *v).ok());
   AttentionParams p{0, nh, nkv, hd, 0.5f, {}, {}};
   KvPool& pool = *paged.pool;
-  SequenceSlice past_blocks{3, 2, tables};  // position 4 is in a block the table lacks
+  SequenceSlice past_blocks{3, 2, tables, {}};  // position 4 is in a block the table lacks
   EXPECT_EQ(be->Attention(*q, *k, *v, {&past_blocks, 1}, p, pool, *out).code(),
             absl::StatusCode::kInternal);
-  SequenceSlice fits{1, 2, tables};
+  SequenceSlice fits{1, 2, tables, {}};
   EXPECT_TRUE(be->Attention(*q, *k, *v, {&fits, 1}, p, pool, *out).ok());
-  SequenceSlice too_few{0, 1, tables};  // rows of q not covered
+  SequenceSlice too_few{0, 1, tables, {}};  // rows of q not covered
   EXPECT_FALSE(be->Attention(*q, *k, *v, {&too_few, 1}, p, pool, *out).ok());
-  SequenceSlice negative{-1, 2, tables};
+  SequenceSlice negative{-1, 2, tables, {}};
   EXPECT_EQ(be->Attention(*q, *k, *v, {&negative, 1}, p, pool, *out).code(),
             absl::StatusCode::kOutOfRange);
   const SpanRule two[2] = {};

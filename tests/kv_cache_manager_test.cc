@@ -11,6 +11,7 @@
 #include <iostream>
 #include <memory>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -164,7 +165,7 @@ void ExpectAttentionEqualsDense(Backend& be, KvPool& pool, const KvCacheManager&
     if (!l.rules.empty()) rules = l.rules[layer];
     std::vector<absl::Span<const int32_t>> tables;
     for (int h = 0; h < n_kv; ++h) tables.push_back(kv.table(seq, layer, h).blocks);
-    const SequenceSlice slice{past, n_new, tables};
+    const SequenceSlice slice{past, n_new, tables, {}};
     const std::vector<float> q = random_rows(n_new, qc);
     auto upload = [&](absl::Span<const float> x, int64_t cols) {
       auto t = be.NewActivation(n_new, cols).value();
@@ -381,6 +382,49 @@ TEST(KvCacheManager, FreedWindowBlocksAreNeverNeededAgain) {
     EXPECT_EQ(std::count_if(kv.table(seq, 0, 0).blocks.begin(), kv.table(seq, 0, 0).blocks.end(),
                             [](int32_t b) { return b >= 0; }),
               CeilDiv(150, block_size));
+  }
+}
+
+// A backend may keep its own copy of a table and trust it while the version stays (TableVersion,
+// kernels/backend.h): every change of the entries must change the version, and ids must be
+// unique across managers.
+TEST(KvCacheManager, TableVersionsChangeWithTheTablesAndIdsAreUnique) {
+  KvLayout l;
+  l.n_layers = 2;
+  l.n_kv_heads = 2;
+  l.head_dim = 4;
+  l.block_size = 4;
+  l.span = {4, 4};
+  l.rules = {{SpanRule{}, SpanRule{false, 8, 0.0}}, {SpanRule{false, 4, 0.5}, SpanRule{}}};
+  KvCacheManager kv(l, 400);
+  KvCacheManager other(l, 400);
+  const SeqId a = kv.AddSequence(), b = kv.AddSequence(), c = other.AddSequence();
+  std::set<uint64_t> ids;
+  for (SeqId s : {a, b}) {
+    for (int layer = 0; layer < 2; ++layer) {
+      for (int h = 0; h < 2; ++h) ids.insert(kv.table(s, layer, h).id);
+    }
+  }
+  for (int layer = 0; layer < 2; ++layer) {
+    for (int h = 0; h < 2; ++h) ids.insert(other.table(c, layer, h).id);
+  }
+  EXPECT_EQ(ids.size(), 12u);
+  EXPECT_EQ(ids.count(0), 0u);
+  std::vector<HeadBlockTable> before(4);
+  for (int64_t n = 1; n <= 60; ++n) {
+    ASSERT_TRUE(kv.Grow(a, n).ok());
+    for (int pass = 0; pass < 2; ++pass) {  // after Grow, then after Trim
+      for (int layer = 0; layer < 2; ++layer) {
+        for (int h = 0; h < 2; ++h) {
+          const HeadBlockTable& t = kv.table(a, layer, h);
+          HeadBlockTable& old = before[layer * 2 + h];
+          EXPECT_EQ(t.blocks != old.blocks, t.version != old.version)
+              << "n " << n << " pass " << pass << " layer " << layer << " head " << h;
+          old = t;
+        }
+      }
+      kv.Trim(a);
+    }
   }
 }
 

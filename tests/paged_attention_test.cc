@@ -169,7 +169,7 @@ TEST(PagedAttention, EqualsDenseMaskedReferenceOverRandomPagesAndSchedules) {
           for (int32_t& b : t) b = b < 0 ? -1 : perm[b];
           tables.push_back(std::move(t));
         }
-        slices.push_back({s.done, n, {}});
+        slices.push_back({s.done, n, {}, {}});
       }
       if (active.empty()) break;
       std::vector<absl::Span<const int32_t>> spans(tables.begin(), tables.end());
@@ -223,7 +223,7 @@ TEST(PagedAttention, MissingBlocksAreInternalErrors) {
   const AttentionParams p{3, nh, nkv, hd, 0.3f, {}, {}};
   std::vector<int32_t> table = {5, 2, 7};
   absl::Span<const int32_t> spans[] = {table};
-  SequenceSlice s{0, 10, spans};
+  SequenceSlice s{0, 10, spans, {}};
   ASSERT_TRUE(be->Attention(*q, *k, *v, {&s, 1}, p, *pool, *out).ok());
 
   // Decode one more token over a table whose first block was dropped: a dense head sees it.
@@ -233,7 +233,7 @@ TEST(PagedAttention, MissingBlocksAreInternalErrors) {
   auto out1 = be->NewActivation(1, nh * hd).value();
   std::vector<int32_t> holed = {-1, 2, 7};
   absl::Span<const int32_t> holed_spans[] = {holed};
-  SequenceSlice decode{10, 1, holed_spans};
+  SequenceSlice decode{10, 1, holed_spans, {}};
   absl::Status st = be->Attention(*q1, *k1, *v1, {&decode, 1}, p, *pool, *out1);
   EXPECT_EQ(st.code(), absl::StatusCode::kInternal) << st;
   // A local head that no longer sees block 0 is fine with the hole.
@@ -243,12 +243,12 @@ TEST(PagedAttention, MissingBlocksAreInternalErrors) {
   lp.rules = local;
   EXPECT_TRUE(be->Attention(*q1, *k1, *v1, {&decode, 1}, lp, *pool, *out1).ok());
   // No block for the new position 12 (the table is too short), or an id outside the pool.
-  SequenceSlice past_end{12, 1, spans};
+  SequenceSlice past_end{12, 1, spans, {}};
   st = be->Attention(*q1, *k1, *v1, {&past_end, 1}, p, *pool, *out1);
   EXPECT_EQ(st.code(), absl::StatusCode::kInternal) << st;
   std::vector<int32_t> outside = {5, 2, 8};
   absl::Span<const int32_t> outside_spans[] = {outside};
-  SequenceSlice bad_id{10, 1, outside_spans};
+  SequenceSlice bad_id{10, 1, outside_spans, {}};
   EXPECT_EQ(be->Attention(*q1, *k1, *v1, {&bad_id, 1}, p, *pool, *out1).code(),
             absl::StatusCode::kInternal);
   // Two sequences writing into one block.
@@ -258,10 +258,10 @@ TEST(PagedAttention, MissingBlocksAreInternalErrors) {
   auto out2 = be->NewActivation(2, nh * hd).value();
   std::vector<int32_t> other = {6, 7};
   absl::Span<const int32_t> other_spans[] = {other};
-  const SequenceSlice two[] = {{10, 1, spans}, {5, 1, other_spans}};
+  const SequenceSlice two[] = {{10, 1, spans, {}}, {5, 1, other_spans, {}}};
   EXPECT_EQ(be->Attention(*q2, *k2, *v2, two, p, *pool, *out2).code(), absl::StatusCode::kInternal);
   // Wrong number of tables, a pool of another head_dim, bad pool shapes.
-  SequenceSlice no_tables{10, 1, {}};
+  SequenceSlice no_tables{10, 1, {}, {}};
   EXPECT_EQ(be->Attention(*q1, *k1, *v1, {&no_tables, 1}, p, *pool, *out1).code(),
             absl::StatusCode::kInvalidArgument);
   auto other_pool = be->NewKvPool(8, bs, 2 * hd).value();

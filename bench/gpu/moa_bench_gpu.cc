@@ -323,6 +323,7 @@ absl::Status RandomFill(Backend& be, const ModelConfig& c, KvCacheManager& kv, K
   ap.span = SpanParams{0, 16};
   ap.rules = narrow;
   std::vector<absl::Span<const int32_t>> tables(group * c.n_kv_heads);
+  std::vector<TableVersion> versions(group * c.n_kv_heads);
   std::vector<SequenceSlice> slices;
   for (size_t g0 = 0; g0 < seqs.size(); g0 += group) {
     const size_t ns = std::min(group, seqs.size() - g0);
@@ -343,12 +344,15 @@ absl::Status RandomFill(Backend& be, const ModelConfig& c, KvCacheManager& kv, K
       for (size_t i = 0; i < ns; ++i) {
         RETURN_IF_ERROR(kv.Grow(seqs[g0 + i], past + n));
         slices.push_back(SequenceSlice{
-            past, n, absl::MakeConstSpan(tables).subspan(i * c.n_kv_heads, c.n_kv_heads)});
+            past, n, absl::MakeConstSpan(tables).subspan(i * c.n_kv_heads, c.n_kv_heads),
+            absl::MakeConstSpan(versions).subspan(i * c.n_kv_heads, c.n_kv_heads)});
       }
       for (int l = 0; l < c.n_layers; ++l) {
         for (size_t i = 0; i < ns; ++i) {
           for (int h = 0; h < c.n_kv_heads; ++h) {
-            tables[i * c.n_kv_heads + h] = kv.table(seqs[g0 + i], l, h).blocks;
+            const HeadBlockTable& t = kv.table(seqs[g0 + i], l, h);
+            tables[i * c.n_kv_heads + h] = t.blocks;
+            versions[i * c.n_kv_heads + h] = {t.id, t.version};
           }
         }
         ap.layer = l;
@@ -503,9 +507,13 @@ absl::Status RunRow(Backend& be, const Shape& shape, int64_t prompt, const std::
   std::uniform_int_distribution<int32_t> tok(0, c.vocab_size - 1);
   std::vector<int32_t> next(batch);
   std::vector<ForwardInput> inputs(batch);
-  std::vector<float> logits;
+  // Greedy picks on the GPU, only the tokens come back: what the server does every step (copying
+  // the logits of a 128k vocabulary back would add milliseconds the server does not spend).
+  const std::vector<SampleRow> greedy(batch);
+  std::vector<int32_t> picked;
   std::vector<double> step_s;
   double keys_read = 0.0;
+  const CudaGraphStats before_row = GetCudaGraphStats(be);
   CudaGraphStats graphs_before;
   t0 = Clock::now();
   for (int s = 0; s < warmup + steps; ++s) {
@@ -516,10 +524,10 @@ absl::Status RunRow(Backend& be, const Shape& shape, int64_t prompt, const std::
       RETURN_IF_ERROR(kv->Grow(seqs[i], past + 1));
       inputs[i] = ForwardInput{seqs[i], past, absl::MakeConstSpan(&next[i], 1), false};
     }
-    logits.clear();
+    picked.clear();
     const Clock::time_point start = Clock::now();
-    // Forward returns after copying the logits to the host, which waits for the whole step.
-    RETURN_IF_ERROR(model->Forward(inputs, *kv, *pool, &logits));
+    // Returns after copying the picked tokens to the host, which waits for the whole step.
+    RETURN_IF_ERROR(model->ForwardAndSample(inputs, *kv, *pool, greedy, &picked, nullptr));
     if (s >= warmup) {
       step_s.push_back(Seconds(start));
       keys_read += static_cast<double>(KeysReadAt(layout, past)) * batch;
@@ -527,8 +535,9 @@ absl::Status RunRow(Backend& be, const Shape& shape, int64_t prompt, const std::
     for (SeqId seq : seqs) kv->Trim(seq);
   }
   row.decode_s = Seconds(t0);
-  for (float x : logits) {
-    if (!std::isfinite(x)) return absl::InternalError("decode produced non-finite logits");
+  for (int32_t t : picked) {
+    if (t < 0 || t >= c.vocab_size)
+      return absl::InternalError("decode picked a token out of range");
   }
   std::sort(step_s.begin(), step_s.end());
   const double median = step_s[step_s.size() / 2];
@@ -549,10 +558,21 @@ absl::Status RunRow(Backend& be, const Shape& shape, int64_t prompt, const std::
   const CudaGraphStats g = GetCudaGraphStats(be);
   const int64_t replays = g.replays - graphs_before.replays;
   if (g.keys_without_graph > graphs_before.keys_without_graph || (replays == 0 && g.replays > 0)) {
+    // The replays judged during the warm-up are the ones counted before the timed steps (none
+    // where an earlier row of the same batch size was judged).
+    const int64_t judged = graphs_before.replays - before_row.replays;
+    std::string why = "judged on an earlier row";
+    if (judged > 0) {
+      why = absl::StrFormat(
+          "%.2f ms host, %.2f ms device per replay, over %d",
+          (graphs_before.replay_host_seconds - before_row.replay_host_seconds) * 1e3 / judged,
+          (graphs_before.replay_device_seconds - before_row.replay_device_seconds) * 1e3 / judged,
+          judged);
+    }
     std::fprintf(stderr,
-                 "%sCUDA graphs: not used for this batch size (staging the step took "
-                 "over 30%% of its device time, so kernels are launched directly)\n",
-                 tag.c_str());
+                 "%sCUDA graphs: not used for this batch size: staging the step took over 30%% "
+                 "of its device time (%s), so kernels are launched directly\n",
+                 tag.c_str(), why.c_str());
   }
   if (replays > 0) {
     std::fprintf(stderr,

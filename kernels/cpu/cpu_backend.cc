@@ -503,6 +503,7 @@ absl::Status CpuBackend::Attention(const Tensor& q, const Tensor& k, const Tenso
                                                      s.block_tables.size(), " block tables for ",
                                                      p.n_kv_heads, " kv heads"));
     }
+    if (absl::Status v = CheckTableVersions(s, index, p.n_kv_heads); !v.ok()) return v;
     if (s.n_new > rows - total) {
       return absl::InvalidArgumentError(
           absl::StrCat("Attention: slices hold more rows than the ", rows, " of q"));

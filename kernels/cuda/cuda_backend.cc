@@ -20,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "kernels/backend_checks.h"
+#include "kernels/block_table_cache.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/decode_attention.h"
 #include "kernels/cuda/dequantize.h"
@@ -214,7 +215,11 @@ class CudaBackend : public Backend {
  public:
   CudaBackend(cudaStream_t stream, cublasHandle_t cublas, std::unique_ptr<DeviceBuffer> cublas_ws,
               const CudaBackendOptions& options)
-      : stream_(stream), cublas_(cublas), cublas_ws_(std::move(cublas_ws)), options_(options) {}
+      : stream_(stream),
+        cublas_(cublas),
+        cublas_ws_(std::move(cublas_ws)),
+        options_(options),
+        table_cache_(std::clamp<int64_t>(options.block_table_entries, 1, int64_t{1} << 32)) {}
   ~CudaBackend() override {
     graphs_.Cancel();
     cudaStreamSynchronize(stream_);
@@ -265,7 +270,7 @@ class CudaBackend : public Backend {
                       absl::Span<int32_t> tokens) override;
   absl::Status BeginStep(int64_t key) override;
   absl::Status EndStep() override;
-  void CancelStep() override { graphs_.Cancel(); }
+  void CancelStep() override;
 
   CudaGraphStats graph_stats() const {
     return {graphs_.captures(), graphs_.replays(), graphs_.keys_without_graph(),
@@ -323,6 +328,21 @@ class CudaBackend : public Backend {
   std::vector<uint8_t> attn_host_;
   std::vector<int32_t> attn_order_;
   std::vector<int64_t> attn_first_row_;
+  std::vector<BlockTableCache::Placed*> attn_placed_;
+  // The block tables, kept on the device across calls (kernels/block_table_cache.h): the arena,
+  // the host's record of it, its updates on their way, and a size to grow it to before the next
+  // step (set where a step could not grow it; 0: none).
+  absl::StatusOr<int32_t*> TableArena();
+  absl::StatusOr<int32_t*> GrowTableArena(int64_t entries);
+  absl::Status SendTableUpdates();
+  DeviceBuffer table_arena_;
+  BlockTableCache table_cache_;
+  UploadBuffer table_updates_;
+  int64_t table_arena_want_ = 0;
+  // Per pool block: the last Attention call that wrote it, and which of its sequences.
+  std::vector<uint32_t> write_stamp_;
+  std::vector<int32_t> write_seq_;
+  uint32_t write_call_ = 0;
   cuda::DecodeAttentionConfig decode_cfg_;
   DeviceBuffer decode_ws_;
   cuda::SampleScratch sample_;  // Sample's device memory
@@ -615,8 +635,17 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
     return id < num_blocks ? id : -1;
   };
 
-  // Validate every slice, and every block the new rows go to, before writing anything.
-  std::vector<std::pair<int32_t, size_t>> written;  // (block, slice)
+  // Validate every slice, and every block the new rows go to, before writing anything. A block
+  // written by two sequences is found through a stamp per pool block (this call's number and the
+  // writer), which costs one look per written block instead of a sort.
+  if (write_stamp_.size() < static_cast<size_t>(num_blocks)) {
+    write_stamp_.assign(num_blocks, 0);
+    write_seq_.assign(num_blocks, 0);
+  }
+  if (++write_call_ == 0) {  // the stamps wrapped: start afresh
+    std::fill(write_stamp_.begin(), write_stamp_.end(), 0);
+    write_call_ = 1;
+  }
   int64_t total = 0;
   for (size_t index = 0; index < seqs.size(); ++index) {
     const SequenceSlice& s = seqs[index];
@@ -629,6 +658,7 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
                                                      s.block_tables.size(), " block tables for ",
                                                      n_kv, " kv heads"));
     }
+    RETURN_IF_ERROR(CheckTableVersions(s, index, n_kv));
     if (s.n_new > rows - total) {
       return absl::InvalidArgumentError(
           absl::StrCat("Attention: slices hold more rows than the ", rows, " of q"));
@@ -646,7 +676,12 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
                                                   " kv head ", h, ": no KV block for new ",
                                                   "position ", pos));
         }
-        written.emplace_back(id, index);
+        if (write_stamp_[id] == write_call_ && write_seq_[id] != static_cast<int32_t>(index)) {
+          return absl::InternalError(absl::StrCat("Attention: layer ", p.layer, ": KV block ", id,
+                                                  " is written by two sequences"));
+        }
+        write_stamp_[id] = write_call_;
+        write_seq_[id] = static_cast<int32_t>(index);
       }
     }
     total += s.n_new;
@@ -654,53 +689,6 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
   if (total != rows) {
     return absl::InvalidArgumentError(
         absl::StrCat("Attention: slices hold ", total, " rows, q has ", rows));
-  }
-  std::sort(written.begin(), written.end());
-  for (size_t i = 1; i < written.size(); ++i) {
-    if (written[i].first == written[i - 1].first && written[i].second != written[i - 1].second) {
-      return absl::InternalError(absl::StrCat("Attention: layer ", p.layer, ": KV block ",
-                                              written[i].first, " is written by two sequences"));
-    }
-  }
-
-  // The blocks of every visible key, checked once per (sequence, KV head): windows only move
-  // right, so the keys all rows of a sequence see are [0, sink_end of its last row) and
-  // [window begin of its first row, last position]. The kernels read only through blocks checked
-  // here. The error names the first query (then the lowest head) that sees a missing block, and
-  // the first missing key it sees: max(past, key) is that query.
-  const auto visible = [&](int h, int64_t pos) {
-    VisibleKeys vis{0, 0};
-    if (!p.rules.empty()) vis = VisibleKeysAt(p.rules[h], p.span, pos);
-    vis.window_begin = std::max(vis.window_begin, vis.sink_end);
-    return vis;
-  };
-  for (size_t index = 0; index < seqs.size(); ++index) {
-    const SequenceSlice& s = seqs[index];
-    if (s.n_new == 0) continue;
-    const int64_t last = s.past + s.n_new - 1;
-    int64_t bad_query = std::numeric_limits<int64_t>::max(), bad_key = 0;
-    int bad_head = -1;
-    for (int h = 0; h < n_kv; ++h) {
-      const int64_t sink_end = visible(h, last).sink_end;
-      const int64_t win_begin = visible(h, s.past).window_begin;
-      for (const auto& [from, to] :
-           {std::pair{int64_t{0}, sink_end}, std::pair{win_begin, last + 1}}) {
-        const int64_t kp = FirstMissingKey(s.block_tables[h], from, to, bs, num_blocks);
-        if (kp < to) {
-          if (std::max(s.past, kp) < bad_query) {
-            bad_query = std::max(s.past, kp);
-            bad_key = kp;
-            bad_head = h;
-          }
-          break;
-        }
-      }
-    }
-    if (bad_head >= 0) {
-      return absl::InternalError(absl::StrCat("Attention: layer ", p.layer, " sequence ", index,
-                                              " kv head ", bad_head, ": no KV block for visible ",
-                                              "key ", bad_key, " of the query at ", bad_query));
-    }
   }
   if (rows == 0) return absl::OkStatus();
 
@@ -723,15 +711,9 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
   const int n_all = static_cast<int>(order.size());
   const int n_pf = n_all - n_dec;
   const int64_t pairs = int64_t{n_all} * n_kv;
-  int64_t entries = 0;
-  for (int32_t i : order) {
-    for (const auto& t : seqs[i].block_tables) {
-      entries +=
-          std::min<int64_t>(static_cast<int64_t>(t.size()), std::numeric_limits<int32_t>::max());
-    }
-  }
 
-  // Everything the kernels need in one buffer, one copy: 8-byte aligned sections.
+  // The per-call metadata in one buffer, one copy: 8-byte aligned sections. The tables
+  // themselves are in the device's table cache (table_cache_), sent only where they changed.
   int64_t size = 0;
   const auto section = [&size](int64_t bytes) {
     const int64_t at = size;
@@ -750,7 +732,6 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
   const int64_t o_pf_row = section(int64_t{n_pf} * 4);
   const int64_t o_pf_new = section(int64_t{n_pf} * 4);
   const int64_t o_pf_past = section(int64_t{n_pf} * 4);
-  const int64_t o_data = section(entries * 4);
   // Packed straight into a replayable step's staging memory, else into attn_host_ and uploaded.
   uint8_t* base = nullptr;
   const uint8_t* dev = nullptr;
@@ -767,23 +748,107 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
   };
   int64_t* table_begin = at(o_begin, static_cast<int64_t*>(nullptr));
   int32_t* table_len = at(o_len, static_cast<int32_t*>(nullptr));
-  int32_t* table_data = at(o_data, static_cast<int32_t*>(nullptr));
+
+  // Every table into the cache, and the blocks of every visible key checked once per (sequence,
+  // KV head): windows only move right, so the keys all rows of a sequence see are [0, sink_end of
+  // its last row) and [window begin of its first row, last position]. The kernels read only
+  // through blocks checked here (or found checked in the table's current version by an earlier
+  // call). The error names the first query (then the lowest head) that sees a missing block, and
+  // the first missing key it sees: max(past, key) is that query.
+  const auto visible = [&](int h, int64_t pos) {
+    VisibleKeys vis{0, 0};
+    if (!p.rules.empty()) vis = VisibleKeysAt(p.rules[h], p.span, pos);
+    vis.window_begin = std::max(vis.window_begin, vis.sink_end);
+    return vis;
+  };
+  // Placing fails when the cache's arena is full; it is then emptied (and grown if half of it is
+  // needed now) and everything placed again. Inside a replayable step the tables placed by this
+  // step's earlier calls must stay where they are, so the step runs again instead.
+  ASSIGN_OR_RETURN(int32_t * arena, TableArena());
+  std::vector<BlockTableCache::Placed*>& placed = attn_placed_;  // per pair
+  placed.assign(pairs, nullptr);
+  for (int attempt = 0;; ++attempt) {
+    bool placed_all = true;
+    for (int c = 0; c < n_all && placed_all; ++c) {
+      const SequenceSlice& s = seqs[order[c]];
+      for (int h = 0; h < n_kv; ++h) {
+        const TableVersion v = s.table_versions.empty() ? TableVersion{} : s.table_versions[h];
+        BlockTableCache::Placed* t = table_cache_.Place(s.block_tables[h], v);
+        if (t == nullptr) {
+          placed_all = false;
+          break;
+        }
+        placed[int64_t{c} * n_kv + h] = t;
+      }
+    }
+    if (placed_all) break;
+    // Full. Mostly room left behind by tables that moved or whose sequences ended: emptying the
+    // cache suffices. If the tables in use fill half of it, or one call does not fit an empty
+    // one, it grows.
+    const int64_t need = table_cache_.in_use() + table_cache_.shortfall();
+    const bool grow = attempt > 0 || 2 * need > table_cache_.capacity();
+    const int64_t want =
+        grow ? 4 * std::max(table_cache_.capacity(), need) : table_cache_.capacity();
+    table_cache_.Clear();
+    if (graphs_.in_step()) {
+      table_arena_want_ = want;
+      return absl::AbortedError("Attention: block-table cache full; run the step again");
+    }
+    if (grow) {
+      ASSIGN_OR_RETURN(arena, GrowTableArena(want));
+    }
+  }
+  int32_t* dec_sink = at(o_dec_sink, static_cast<int32_t*>(nullptr));
+  int32_t* dec_win = at(o_dec_win, static_cast<int32_t*>(nullptr));
+  for (int c = 0; c < n_all; ++c) {
+    const int32_t index = order[c];
+    const SequenceSlice& s = seqs[index];
+    const int64_t last = s.past + s.n_new - 1;
+    int64_t bad_query = std::numeric_limits<int64_t>::max(), bad_key = 0;
+    int bad_head = -1;
+    for (int h = 0; h < n_kv; ++h) {
+      BlockTableCache::Placed& t = *placed[int64_t{c} * n_kv + h];
+      table_begin[int64_t{c} * n_kv + h] = t.begin;
+      table_len[int64_t{c} * n_kv + h] = t.len;
+      const int64_t sink_end = visible(h, last).sink_end;
+      const int64_t win_begin = visible(h, s.past).window_begin;
+      if (c < n_dec) {
+        dec_sink[int64_t{c} * n_kv + h] = static_cast<int32_t>(sink_end);
+        dec_win[int64_t{c} * n_kv + h] = static_cast<int32_t>(win_begin);
+      }
+      if (CheckedKeys(t, num_blocks, sink_end, win_begin, last + 1)) continue;
+      bool ok = true;
+      for (const auto& [from, to] :
+           {std::pair{int64_t{0}, sink_end}, std::pair{win_begin, last + 1}}) {
+        const int64_t kp = FirstMissingKey(s.block_tables[h], from, to, bs, num_blocks);
+        if (kp < to) {
+          ok = false;
+          if (std::max(s.past, kp) < bad_query) {
+            bad_query = std::max(s.past, kp);
+            bad_key = kp;
+            bad_head = h;
+          }
+          break;
+        }
+      }
+      if (ok) MarkChecked(t, num_blocks, bs, sink_end, win_begin, last + 1);
+    }
+    if (bad_head >= 0) {
+      // Nothing of this call runs, so the updates it queued are lost: the cache starts over.
+      table_cache_.Clear();
+      return absl::InternalError(absl::StrCat("Attention: layer ", p.layer, " sequence ", index,
+                                              " kv head ", bad_head, ": no KV block for visible ",
+                                              "key ", bad_key, " of the query at ", bad_query));
+    }
+  }
+
   int32_t* row_pos = at(o_row_pos, static_cast<int32_t*>(nullptr));
   int32_t* row_seq = at(o_row_seq, static_cast<int32_t*>(nullptr));
   std::vector<int64_t>& first_row = attn_first_row_;  // row of each sequence's first token
   first_row.resize(seqs.size());
   for (size_t i = 0, r = 0; i < seqs.size(); r += seqs[i].n_new, ++i) first_row[i] = r;
-  int64_t next = 0;
   for (int c = 0; c < n_all; ++c) {
     const SequenceSlice& s = seqs[order[c]];
-    for (int h = 0; h < n_kv; ++h) {
-      const int64_t len = std::min<int64_t>(static_cast<int64_t>(s.block_tables[h].size()),
-                                            std::numeric_limits<int32_t>::max());
-      table_begin[int64_t{c} * n_kv + h] = next;
-      table_len[int64_t{c} * n_kv + h] = static_cast<int32_t>(len);
-      std::copy_n(s.block_tables[h].begin(), len, table_data + next);
-      next += len;
-    }
     for (int64_t i = 0; i < s.n_new; ++i) {
       row_pos[first_row[order[c]] + i] = static_cast<int32_t>(s.past + i);
       row_seq[first_row[order[c]] + i] = c;
@@ -791,17 +856,9 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
   }
   int32_t* dec_row = at(o_dec_row, static_cast<int32_t*>(nullptr));
   int32_t* dec_len = at(o_dec_len, static_cast<int32_t*>(nullptr));
-  int32_t* dec_sink = at(o_dec_sink, static_cast<int32_t*>(nullptr));
-  int32_t* dec_win = at(o_dec_win, static_cast<int32_t*>(nullptr));
   for (int c = 0; c < n_dec; ++c) {
-    const SequenceSlice& s = seqs[order[c]];
     dec_row[c] = static_cast<int32_t>(first_row[order[c]]);
-    dec_len[c] = static_cast<int32_t>(s.past + 1);
-    for (int h = 0; h < n_kv; ++h) {
-      const VisibleKeys vis = visible(h, s.past);
-      dec_sink[int64_t{c} * n_kv + h] = static_cast<int32_t>(vis.sink_end);
-      dec_win[int64_t{c} * n_kv + h] = static_cast<int32_t>(vis.window_begin);
-    }
+    dec_len[c] = static_cast<int32_t>(seqs[order[c]].past + 1);
   }
   const auto clamp32 = [](int64_t x) {
     return static_cast<int32_t>(std::clamp<int64_t>(x, std::numeric_limits<int32_t>::min(),
@@ -834,13 +891,16 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
   if (!graphs_.in_step()) {
     ASSIGN_OR_RETURN(dev, attn_meta_.Upload<uint8_t>(absl::MakeConstSpan(base, size), stream_,
                                                      "Attention metadata"));
+    // The tables' changes reach the arena before this call's kernels read it (same stream); in
+    // a replayable step they are sent before the step's graph runs (EndStep).
+    RETURN_IF_ERROR(SendTableUpdates());
   }
   const auto dev_at = [dev](int64_t off, auto* type) {
     return reinterpret_cast<std::remove_pointer_t<decltype(type)>*>(dev + off);
   };
   const auto* d_begin = dev_at(o_begin, static_cast<const int64_t*>(nullptr));
   const auto* d_len = dev_at(o_len, static_cast<const int32_t*>(nullptr));
-  const auto* d_data = dev_at(o_data, static_cast<const int32_t*>(nullptr));
+  const int32_t* d_data = arena;
   const cuda::DevicePool dpool = kv->device();
   if (n_dec > 0) RETURN_IF_ERROR(EnsureDecodeWorkspace(hd, group, n_dec * n_kv));
   RETURN_IF_ERROR(StepOp(7, qc->data(), kc->data(), vc->data(), oc->data(), dpool.data,
@@ -915,12 +975,62 @@ absl::Status CudaBackend::BeginStep(int64_t key) {
     pending_decode_ = {};
     graphs_.Reset();  // they point at the old workspace
   }
+  if (table_arena_want_ > 0) {
+    if (table_arena_want_ > table_cache_.capacity() || table_arena_.get() == nullptr) {
+      RETURN_IF_ERROR(GrowTableArena(table_arena_want_).status());
+    }
+    table_arena_want_ = 0;
+  }
   return graphs_.Begin(key, stream_);
 }
 
 absl::Status CudaBackend::EndStep() {
   if (!graphs_.in_step()) return absl::OkStatus();
-  return graphs_.End();
+  return graphs_.End([this] { return SendTableUpdates(); });
+}
+
+void CudaBackend::CancelStep() {
+  graphs_.Cancel();
+  // The step's table updates were never sent: what the cache believes the arena holds is wrong.
+  table_cache_.Clear();
+}
+
+absl::StatusOr<int32_t*> CudaBackend::TableArena() {
+  if (table_arena_.get() != nullptr) return static_cast<int32_t*>(table_arena_.get());
+  if (graphs_.in_step()) {
+    // Allocating would break a capture: before the next step instead.
+    table_arena_want_ = table_cache_.capacity();
+    return absl::AbortedError("Attention: no block-table arena yet; run the step again");
+  }
+  return GrowTableArena(table_cache_.capacity());
+}
+
+absl::StatusOr<int32_t*> CudaBackend::GrowTableArena(int64_t entries) {
+  if (entries > (int64_t{1} << 32)) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("Attention: block tables of ", entries, " entries (the cache takes 2^32)"));
+  }
+  // Queued kernels may still read the old arena; graphs point at it.
+  RETURN_IF_ERROR(CudaError(cudaStreamSynchronize(stream_), "block-table arena"));
+  graphs_.Reset();
+  table_cache_.Resize(entries);
+  RETURN_IF_ERROR(table_arena_.Allocate(entries * int64_t{sizeof(int32_t)}, "block-table arena"));
+  return static_cast<int32_t*>(table_arena_.get());
+}
+
+absl::Status CudaBackend::SendTableUpdates() {
+  const std::vector<BlockTableCache::Update>& u = table_cache_.updates();
+  if (u.empty()) return absl::OkStatus();
+  static_assert(sizeof(BlockTableCache::Update) == sizeof(uint2));
+  ASSIGN_OR_RETURN(const uint2* d,
+                   table_updates_.Upload<uint2>(
+                       absl::MakeConstSpan(reinterpret_cast<const uint2*>(u.data()), u.size()),
+                       stream_, "block-table updates"));
+  RETURN_IF_ERROR(CudaError(cuda::LaunchTableUpdates(static_cast<int32_t*>(table_arena_.get()), d,
+                                                     static_cast<int64_t>(u.size()), stream_),
+                            "block-table updates"));
+  table_cache_.ClearUpdates();
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::EnsureDecodeWorkspace(int head_dim, int group, int pairs) {

@@ -14,6 +14,9 @@ namespace moa {
 
 struct CudaBackendOptions {
   bool graphs = true;  // replay decode steps from CUDA graphs (Backend::BeginStep)
+  // Entries the device block-table cache starts with (kernels/block_table_cache.h); it grows as
+  // the tables in use need. Small values exercise its emptying and growth in tests.
+  int64_t block_table_entries = int64_t{1} << 20;
 };
 
 // A backend on CUDA device `device`; an error if there is no such device or CUDA/cuBLAS cannot

@@ -74,6 +74,13 @@ __global__ void AddKernel(float* x, const float* y, int64_t n) {
   for (int64_t i = GlobalIndex(); i < n; i += GlobalStride()) x[i] += y[i];
 }
 
+__global__ void TableUpdatesKernel(int32_t* table_data, const uint2* updates, int64_t n) {
+  for (int64_t i = GlobalIndex(); i < n; i += GlobalStride()) {
+    const uint2 u = updates[i];
+    table_data[u.x] = static_cast<int32_t>(u.y);
+  }
+}
+
 // The pool block of position `pos` in table t, or -1 (the host checked every block it uses; this
 // only keeps a bad table from reading or writing outside the pool).
 template <typename Args>
@@ -266,6 +273,13 @@ cudaError_t LaunchAdd(float* x, const float* y, int64_t n, cudaStream_t stream) 
 cudaError_t LaunchKvWrite(const DeviceAttention& a, const DevicePool& pool, cudaStream_t stream) {
   const int64_t n = a.rows * a.n_kv_heads * pool.head_dim;
   KvWriteKernel<<<GridFor(n), kThreads, 0, stream>>>(a, pool);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchTableUpdates(int32_t* table_data, const uint2* updates, int64_t n,
+                               cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  TableUpdatesKernel<<<GridFor(n), kThreads, 0, stream>>>(table_data, updates, n);
   return cudaGetLastError();
 }
 

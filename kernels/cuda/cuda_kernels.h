@@ -57,6 +57,11 @@ struct DeviceAttention {
   const int32_t* table_data;
 };
 
+// table_data[updates[i].x] = updates[i].y for n (index, value) pairs, in no particular order:
+// the backend's block-table cache (kernels/block_table_cache.h) queues one per entry.
+cudaError_t LaunchTableUpdates(int32_t* table_data, const uint2* updates, int64_t n,
+                               cudaStream_t stream);
+
 // Copies each row's keys and values, rounded to fp16, into the pool blocks of its position.
 cudaError_t LaunchKvWrite(const DeviceAttention& a, const DevicePool& pool, cudaStream_t stream);
 

@@ -185,7 +185,7 @@ absl::Status StepGraphs::Record(std::initializer_list<uint64_t> args) {
   return absl::OkStatus();
 }
 
-absl::Status StepGraphs::End() {
+absl::Status StepGraphs::End(absl::FunctionRef<absl::Status()> before_launch) {
   if (mode_ == Mode::kOff) return absl::FailedPreconditionError("CUDA graph: End outside a step");
   if (mode_ == Mode::kReplay) {
     mode_ = Mode::kOff;
@@ -195,6 +195,7 @@ absl::Status StepGraphs::End() {
       DropKey();
       return absl::AbortedError("CUDA graph: the step's operations changed; run it again");
     }
+    RETURN_IF_ERROR(before_launch());
     ++replays_;
     const double host_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - begin_time_).count();
@@ -234,6 +235,7 @@ absl::Status StepGraphs::End() {
   RETURN_IF_ERROR(s);
   graphs_[key_] = current_;
   ++captures_;
+  RETURN_IF_ERROR(before_launch());
   return Check(cudaGraphLaunch(current_.exec, stream_), "launch");
 }
 

@@ -28,6 +28,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
@@ -43,8 +44,10 @@ class StepGraphs {
   // Starts a step of `key` on `stream`: a replay if a graph of this key exists, else a capture;
   // nothing (in_step() stays false: operations run directly) for a key that runs without one.
   absl::Status Begin(int64_t key, cudaStream_t stream);
-  // Launches the step's graph (capturing it first if needed) and leaves the step.
-  absl::Status End();
+  // Launches the step's graph (capturing it first if needed) and leaves the step. `before_launch`
+  // runs right before the launch, outside any capture: work it enqueues on the stream runs before
+  // the graph, every step (the backend's block-table updates).
+  absl::Status End(absl::FunctionRef<absl::Status()> before_launch);
   // Leaves a step after an error: nothing of it runs.
   void Cancel();
 

@@ -328,6 +328,11 @@ void RunAttention(Backend& cpu, Backend& gpu, const AttnCase& c, std::mt19937& r
     }
   }
   std::vector<absl::Span<const int32_t>> spans(tables.begin(), tables.end());
+  // Every other step names the tables (the GPU then keeps them on the device and checks them
+  // once, as in the engine), the others do not (sent afresh).
+  static uint64_t next_table_id = uint64_t{1} << 62;  // apart from KvCacheManager's ids
+  std::vector<TableVersion> versions(tables.size());
+  for (TableVersion& v : versions) v = {next_table_id++, 1};
   auto cpu_pool = cpu.NewKvPool(num_blocks, c.block_size, hd).value();
   auto gpu_pool = gpu.NewKvPool(num_blocks, c.block_size, hd).value();
   AttentionParams p;
@@ -353,7 +358,9 @@ void RunAttention(Backend& cpu, Backend& gpu, const AttnCase& c, std::mt19937& r
                       : std::min<int64_t>(1, c.lengths[s] - done[s]);
       if (n == 0) continue;
       slices.push_back(
-          {done[s], n, absl::MakeConstSpan(spans).subspan(s * c.n_kv_heads, c.n_kv_heads)});
+          {done[s], n, absl::MakeConstSpan(spans).subspan(s * c.n_kv_heads, c.n_kv_heads),
+           step % 2 == 0 ? absl::MakeConstSpan(versions).subspan(s * c.n_kv_heads, c.n_kv_heads)
+                         : absl::Span<const TableVersion>()});
       done[s] += n;
       rows += n;
     }
@@ -464,7 +471,7 @@ TEST_F(CudaBackendTest, AttentionMissingBlocks) {
       if (variant == 0) t1[2] = -1;
       if (variant == 1) t0[0] = -1;
       const absl::Span<const int32_t> tabs[2] = {t0, t1};
-      SequenceSlice s{20, 3, tabs};
+      SequenceSlice s{20, 3, tabs, {}};
       AttentionParams p;
       p.n_heads = n_heads;
       p.n_kv_heads = n_kv;
