@@ -248,7 +248,7 @@ Result RunConfig(const Model& m, int batch, int len, Plan plan, double copy_bw, 
   const DevicePool dpool{pool, static_cast<int32_t>(used), kBlockSize, kHeadDim};
   const moa::cuda::DecodeAttentionArgs args{q,      out,     batch,   m.n_heads, m.n_kv_heads,
                                             scale,  nullptr, d_begin, d_len,     d_data,
-                                            d_sink, d_win,   d_seq};
+                                            d_sink, d_win,   d_seq,   nullptr,   0};
   std::vector<std::vector<float>> outs;
   for (const Timing& tm : timings) {
     moa::cuda::DecodeAttentionConfig cfg;

@@ -562,11 +562,12 @@ absl::Status RunRow(Backend& be, const Shape& shape, int64_t prompt, const std::
     // where an earlier row of the same batch size was judged).
     const int64_t judged = graphs_before.replays - before_row.replays;
     std::string why = "judged on an earlier row";
-    if (judged > 0) {
+    const int64_t timed = graphs_before.device_timed_replays - before_row.device_timed_replays;
+    if (judged > 0 && timed > 0) {
       why = absl::StrFormat(
           "%.2f ms host, %.2f ms device per replay, over %d",
           (graphs_before.replay_host_seconds - before_row.replay_host_seconds) * 1e3 / judged,
-          (graphs_before.replay_device_seconds - before_row.replay_device_seconds) * 1e3 / judged,
+          (graphs_before.replay_device_seconds - before_row.replay_device_seconds) * 1e3 / timed,
           judged);
     }
     std::fprintf(stderr,
@@ -574,13 +575,22 @@ absl::Status RunRow(Backend& be, const Shape& shape, int64_t prompt, const std::
                  "of its device time (%s), so kernels are launched directly\n",
                  tag.c_str(), why.c_str());
   }
-  if (replays > 0) {
+  if (const int64_t direct = g.direct_steps - graphs_before.direct_steps; direct > 0) {
     std::fprintf(stderr,
-                 "%sCUDA graphs: %lld of %d timed steps replayed; per replay %.2f ms host "
-                 "preparation, %.2f ms on the device\n",
-                 tag.c_str(), static_cast<long long>(replays), steps,
-                 (g.replay_host_seconds - graphs_before.replay_host_seconds) * 1e3 / replays,
-                 (g.replay_device_seconds - graphs_before.replay_device_seconds) * 1e3 / replays);
+                 "%s%lld timed steps launched directly: %.2f ms of host time each to enqueue "
+                 "them (the device runs meanwhile)\n",
+                 tag.c_str(), static_cast<long long>(direct),
+                 (g.direct_host_seconds - graphs_before.direct_host_seconds) * 1e3 / direct);
+  }
+  if (replays > 0) {
+    std::fprintf(
+        stderr,
+        "%sCUDA graphs: %lld of %d timed steps replayed; per replay %.2f ms host "
+        "preparation, %.2f ms on the device\n",
+        tag.c_str(), static_cast<long long>(replays), steps,
+        (g.replay_host_seconds - graphs_before.replay_host_seconds) * 1e3 / replays,
+        (g.replay_device_seconds - graphs_before.replay_device_seconds) * 1e3 /
+            std::max<int64_t>(1, g.device_timed_replays - graphs_before.device_timed_replays));
   }
   return absl::OkStatus();
 }

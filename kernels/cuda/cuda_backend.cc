@@ -8,14 +8,17 @@
 
 #include <algorithm>
 #include <bit>
+#include <chrono>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "absl/container/node_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
@@ -273,8 +276,14 @@ class CudaBackend : public Backend {
   void CancelStep() override;
 
   CudaGraphStats graph_stats() const {
-    return {graphs_.captures(), graphs_.replays(), graphs_.keys_without_graph(),
-            graphs_.replay_host_seconds(), graphs_.replay_device_seconds()};
+    return {graphs_.captures(),
+            graphs_.replays(),
+            graphs_.keys_without_graph(),
+            graphs_.replay_host_seconds(),
+            graphs_.replay_device_seconds(),
+            graphs_.device_timed_replays(),
+            direct_steps_,
+            direct_host_s_};
   }
 
  private:
@@ -315,6 +324,11 @@ class CudaBackend : public Backend {
   std::unique_ptr<DeviceBuffer> cublas_ws_;  // fixed, so that cuBLAS calls can be captured
   CudaBackendOptions options_;
   cuda::StepGraphs graphs_;
+  absl::Status BeginGraphStep(int64_t key);
+  // Steps run without a graph: when the current one began, how many ran, their host time.
+  std::optional<std::chrono::steady_clock::time_point> direct_begin_;
+  int64_t direct_steps_ = 0;
+  double direct_host_s_ = 0;
   struct {
     int head_dim = 0, group = 0, pairs = 0;
   } pending_decode_;     // a decode workspace to grow before the next step (pairs > 0)
@@ -329,6 +343,29 @@ class CudaBackend : public Backend {
   std::vector<int32_t> attn_order_;
   std::vector<int64_t> attn_first_row_;
   std::vector<BlockTableCache::Placed*> attn_placed_;
+  // What an earlier call found of one (sequence, layer)'s tables, keyed by the first head's table
+  // id: while none of them, the rules and the pool change, and a decode query still lies in the
+  // blocks checked then (up to covered_to), later decode calls take this record instead of
+  // looking at every head.
+  struct TableGroup {
+    std::vector<TableVersion> versions;
+    std::vector<SpanRule> rules;
+    SpanParams span;
+    int32_t num_blocks = 0;
+    int64_t last_end = 0, covered_to = 0;  // query ends [last_end, covered_to] are covered
+    int64_t write_block = 0;               // logical block the new row goes to
+    std::vector<int64_t> begin;            // per head: where the table is in the arena
+    std::vector<int32_t> len;
+    std::vector<int32_t> written;  // per head: the pool block of write_block
+  };
+  TableGroup* MatchingGroup(const SequenceSlice& s, const AttentionParams& p, int32_t num_blocks,
+                            int64_t block_size);
+  void RecordGroup(const SequenceSlice& s, const AttentionParams& p, int32_t num_blocks,
+                   int64_t block_size, absl::Span<BlockTableCache::Placed* const> placed);
+  // Empties the table cache and the records that point into it.
+  void ForgetTables();
+  absl::node_hash_map<uint64_t, TableGroup> table_groups_;
+  std::vector<TableGroup*> attn_fast_;  // per slice: its record, or null
   // The block tables, kept on the device across calls (kernels/block_table_cache.h): the arena,
   // the host's record of it, its updates on their way, and a size to grow it to before the next
   // step (set where a step could not grow it; 0: none).
@@ -635,17 +672,9 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
     return id < num_blocks ? id : -1;
   };
 
-  // Validate every slice, and every block the new rows go to, before writing anything. A block
-  // written by two sequences is found through a stamp per pool block (this call's number and the
-  // writer), which costs one look per written block instead of a sort.
-  if (write_stamp_.size() < static_cast<size_t>(num_blocks)) {
-    write_stamp_.assign(num_blocks, 0);
-    write_seq_.assign(num_blocks, 0);
-  }
-  if (++write_call_ == 0) {  // the stamps wrapped: start afresh
-    std::fill(write_stamp_.begin(), write_stamp_.end(), 0);
-    write_call_ = 1;
-  }
+  // Validate every slice before writing anything, in the CPU backend's order of errors: each
+  // slice's own numbers, the blocks its new rows go to, blocks written by two sequences, then the
+  // blocks of the keys the rows see.
   int64_t total = 0;
   for (size_t index = 0; index < seqs.size(); ++index) {
     const SequenceSlice& s = seqs[index];
@@ -668,22 +697,6 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
                                                 s.past, " + ", s.n_new, " (the CUDA kernels ",
                                                 "take 32-bit positions)"));
     }
-    for (int h = 0; h < n_kv; ++h) {
-      for (int64_t pos = s.past; pos < s.past + s.n_new; pos += bs - pos % bs) {
-        const int32_t id = block_of(s.block_tables[h], pos);
-        if (id < 0) {
-          return absl::InternalError(absl::StrCat("Attention: layer ", p.layer, " sequence ", index,
-                                                  " kv head ", h, ": no KV block for new ",
-                                                  "position ", pos));
-        }
-        if (write_stamp_[id] == write_call_ && write_seq_[id] != static_cast<int32_t>(index)) {
-          return absl::InternalError(absl::StrCat("Attention: layer ", p.layer, ": KV block ", id,
-                                                  " is written by two sequences"));
-        }
-        write_stamp_[id] = write_call_;
-        write_seq_[id] = static_cast<int32_t>(index);
-      }
-    }
     total += s.n_new;
   }
   if (total != rows) {
@@ -692,9 +705,58 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
   }
   if (rows == 0) return absl::OkStatus();
 
-  // Sequences of one new token go to the decode kernel where it has an instance for this shape;
-  // the others (prefill, chunks) to the general one. Decode sequences are numbered first.
+  // A decode slice whose tables, rules and pool are as an earlier call checked them, with its
+  // query still in the blocks checked then, takes that call's record (TableGroup): no look at
+  // each head's table. Sequences of one new token go to the decode kernel where it has an
+  // instance for this shape.
   const bool decode_kernel = cuda::DecodeAttentionSupports(hd, group);
+  std::vector<TableGroup*>& fast = attn_fast_;
+  fast.assign(seqs.size(), nullptr);
+  for (size_t index = 0; index < seqs.size(); ++index) {
+    if (seqs[index].n_new == 1 && decode_kernel) {
+      fast[index] = MatchingGroup(seqs[index], p, num_blocks, bs);
+    }
+  }
+  for (size_t index = 0; index < seqs.size(); ++index) {
+    const SequenceSlice& s = seqs[index];
+    if (fast[index] != nullptr) continue;  // the same blocks as when checked
+    for (int h = 0; h < n_kv; ++h) {
+      for (int64_t pos = s.past; pos < s.past + s.n_new; pos += bs - pos % bs) {
+        if (block_of(s.block_tables[h], pos) < 0) {
+          return absl::InternalError(absl::StrCat("Attention: layer ", p.layer, " sequence ", index,
+                                                  " kv head ", h, ": no KV block for new ",
+                                                  "position ", pos));
+        }
+      }
+    }
+  }
+  // Two writers of one block, through a stamp per pool block (this call's number and the
+  // writer): one look per written block instead of a sort.
+  if (write_stamp_.size() < static_cast<size_t>(num_blocks)) {
+    write_stamp_.assign(num_blocks, 0);
+    write_seq_.assign(num_blocks, 0);
+  }
+  if (++write_call_ == 0) {  // the stamps wrapped: start afresh
+    std::fill(write_stamp_.begin(), write_stamp_.end(), 0);
+    write_call_ = 1;
+  }
+  for (size_t index = 0; index < seqs.size(); ++index) {
+    const SequenceSlice& s = seqs[index];
+    for (int h = 0; h < n_kv; ++h) {
+      for (int64_t pos = s.past; pos < s.past + s.n_new; pos += bs - pos % bs) {
+        const int32_t id =
+            fast[index] != nullptr ? fast[index]->written[h] : block_of(s.block_tables[h], pos);
+        if (write_stamp_[id] == write_call_ && write_seq_[id] != static_cast<int32_t>(index)) {
+          return absl::InternalError(absl::StrCat("Attention: layer ", p.layer, ": KV block ", id,
+                                                  " is written by two sequences"));
+        }
+        write_stamp_[id] = write_call_;
+        write_seq_[id] = static_cast<int32_t>(index);
+      }
+    }
+  }
+
+  // Decode sequences are numbered first.
   std::vector<int32_t>& order = attn_order_;  // sequence indices, decode first
   order.clear();
   int32_t max_n_new = 0;
@@ -721,14 +783,13 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
     return at;
   };
   const int64_t o_begin = section(pairs * 8);
+  const int64_t o_head_rules = section(int64_t{n_kv} * sizeof(cuda::DeviceSpanRule));
   const int64_t o_rules = section(int64_t{n_pf} * n_kv * sizeof(cuda::DeviceSpanRule));
   const int64_t o_len = section(pairs * 4);
   const int64_t o_row_pos = section(rows * 4);
   const int64_t o_row_seq = section(rows * 4);
   const int64_t o_dec_row = section(int64_t{n_dec} * 4);
   const int64_t o_dec_len = section(int64_t{n_dec} * 4);
-  const int64_t o_dec_sink = section(int64_t{n_dec} * n_kv * 4);
-  const int64_t o_dec_win = section(int64_t{n_dec} * n_kv * 4);
   const int64_t o_pf_row = section(int64_t{n_pf} * 4);
   const int64_t o_pf_new = section(int64_t{n_pf} * 4);
   const int64_t o_pf_past = section(int64_t{n_pf} * 4);
@@ -749,28 +810,22 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
   int64_t* table_begin = at(o_begin, static_cast<int64_t*>(nullptr));
   int32_t* table_len = at(o_len, static_cast<int32_t*>(nullptr));
 
-  // Every table into the cache, and the blocks of every visible key checked once per (sequence,
-  // KV head): windows only move right, so the keys all rows of a sequence see are [0, sink_end of
-  // its last row) and [window begin of its first row, last position]. The kernels read only
-  // through blocks checked here (or found checked in the table's current version by an earlier
-  // call). The error names the first query (then the lowest head) that sees a missing block, and
-  // the first missing key it sees: max(past, key) is that query.
-  const auto visible = [&](int h, int64_t pos) {
-    VisibleKeys vis{0, 0};
-    if (!p.rules.empty()) vis = VisibleKeysAt(p.rules[h], p.span, pos);
-    vis.window_begin = std::max(vis.window_begin, vis.sink_end);
-    return vis;
-  };
-  // Placing fails when the cache's arena is full; it is then emptied (and grown if half of it is
-  // needed now) and everything placed again. Inside a replayable step the tables placed by this
-  // step's earlier calls must stay where they are, so the step runs again instead.
+  // Every other table into the cache. Placing fails when the cache's arena is full; it is then
+  // emptied (and grown if half of it is needed now) and everything placed again. Inside a
+  // replayable step the tables placed by this step's earlier calls must stay where they are, so
+  // the step runs again instead.
   ASSIGN_OR_RETURN(int32_t * arena, TableArena());
-  std::vector<BlockTableCache::Placed*>& placed = attn_placed_;  // per pair
+  std::vector<BlockTableCache::Placed*>& placed = attn_placed_;  // per pair; null where fast
   placed.assign(pairs, nullptr);
   for (int attempt = 0;; ++attempt) {
     bool placed_all = true;
     for (int c = 0; c < n_all && placed_all; ++c) {
       const SequenceSlice& s = seqs[order[c]];
+      if (const TableGroup* g = fast[order[c]]; g != nullptr) {
+        std::copy(g->begin.begin(), g->begin.end(), table_begin + int64_t{c} * n_kv);
+        std::copy(g->len.begin(), g->len.end(), table_len + int64_t{c} * n_kv);
+        continue;
+      }
       for (int h = 0; h < n_kv; ++h) {
         const TableVersion v = s.table_versions.empty() ? TableVersion{} : s.table_versions[h];
         BlockTableCache::Placed* t = table_cache_.Place(s.block_tables[h], v);
@@ -779,6 +834,8 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
           break;
         }
         placed[int64_t{c} * n_kv + h] = t;
+        table_begin[int64_t{c} * n_kv + h] = t->begin;
+        table_len[int64_t{c} * n_kv + h] = t->len;
       }
     }
     if (placed_all) break;
@@ -789,7 +846,7 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
     const bool grow = attempt > 0 || 2 * need > table_cache_.capacity();
     const int64_t want =
         grow ? 4 * std::max(table_cache_.capacity(), need) : table_cache_.capacity();
-    table_cache_.Clear();
+    ForgetTables();
     if (graphs_.in_step()) {
       table_arena_want_ = want;
       return absl::AbortedError("Attention: block-table cache full; run the step again");
@@ -797,25 +854,32 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
     if (grow) {
       ASSIGN_OR_RETURN(arena, GrowTableArena(want));
     }
+    fast.assign(seqs.size(), nullptr);  // their records went with the cache
   }
-  int32_t* dec_sink = at(o_dec_sink, static_cast<int32_t*>(nullptr));
-  int32_t* dec_win = at(o_dec_win, static_cast<int32_t*>(nullptr));
+
+  // The blocks of every visible key, checked once per (sequence, KV head) of the slow slices
+  // (or found checked in the table's current version by an earlier call): windows only move
+  // right, so the keys all rows of a sequence see are [0, sink_end of its last row) and [window
+  // begin of its first row, last position]. The kernels read only through blocks checked here.
+  // The error names the first query (then the lowest head) that sees a missing block, and the
+  // first missing key it sees: max(past, key) is that query.
+  const auto visible = [&](int h, int64_t pos) {
+    VisibleKeys vis{0, 0};
+    if (!p.rules.empty()) vis = VisibleKeysAt(p.rules[h], p.span, pos);
+    vis.window_begin = std::max(vis.window_begin, vis.sink_end);
+    return vis;
+  };
   for (int c = 0; c < n_all; ++c) {
     const int32_t index = order[c];
+    if (fast[index] != nullptr) continue;
     const SequenceSlice& s = seqs[index];
     const int64_t last = s.past + s.n_new - 1;
     int64_t bad_query = std::numeric_limits<int64_t>::max(), bad_key = 0;
     int bad_head = -1;
     for (int h = 0; h < n_kv; ++h) {
       BlockTableCache::Placed& t = *placed[int64_t{c} * n_kv + h];
-      table_begin[int64_t{c} * n_kv + h] = t.begin;
-      table_len[int64_t{c} * n_kv + h] = t.len;
       const int64_t sink_end = visible(h, last).sink_end;
       const int64_t win_begin = visible(h, s.past).window_begin;
-      if (c < n_dec) {
-        dec_sink[int64_t{c} * n_kv + h] = static_cast<int32_t>(sink_end);
-        dec_win[int64_t{c} * n_kv + h] = static_cast<int32_t>(win_begin);
-      }
       if (CheckedKeys(t, num_blocks, sink_end, win_begin, last + 1)) continue;
       bool ok = true;
       for (const auto& [from, to] :
@@ -835,10 +899,16 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
     }
     if (bad_head >= 0) {
       // Nothing of this call runs, so the updates it queued are lost: the cache starts over.
-      table_cache_.Clear();
+      ForgetTables();
       return absl::InternalError(absl::StrCat("Attention: layer ", p.layer, " sequence ", index,
                                               " kv head ", bad_head, ": no KV block for visible ",
                                               "key ", bad_key, " of the query at ", bad_query));
+    }
+  }
+  for (int c = 0; c < n_dec; ++c) {
+    if (fast[order[c]] == nullptr) {
+      RecordGroup(seqs[order[c]], p, num_blocks, bs,
+                  absl::MakeConstSpan(placed).subspan(int64_t{c} * n_kv, n_kv));
     }
   }
 
@@ -864,6 +934,21 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
     return static_cast<int32_t>(std::clamp<int64_t>(x, std::numeric_limits<int32_t>::min(),
                                                     std::numeric_limits<int32_t>::max()));
   };
+  // The span rule of each KV head as the kernels take it (SpanTokens' terms,
+  // kernels/attention_span.h; clamping to 32 bits changes no window, as positions are 32-bit):
+  // once per head for the decode kernel, once per (sequence, head) for the prefill kernels.
+  auto* head_rules = at(o_head_rules, static_cast<cuda::DeviceSpanRule*>(nullptr));
+  for (int h = 0; h < n_kv; ++h) {
+    cuda::DeviceSpanRule& r = head_rules[h];
+    r = {};
+    r.dense = p.rules.empty() || p.rules[h].dense ? 1 : 0;
+    if (r.dense) continue;
+    const double blocks =
+        std::floor(static_cast<double>(p.rules[h].alpha) / static_cast<double>(p.span.block));
+    r.alpha_tokens = clamp32(p.span.block * static_cast<int64_t>(blocks));
+    r.beta = p.rules[h].beta;
+    r.min_span = clamp32(p.span.sink + p.span.block);
+  }
   auto* rules = at(o_rules, static_cast<cuda::DeviceSpanRule*>(nullptr));
   int32_t* pf_row = at(o_pf_row, static_cast<int32_t*>(nullptr));
   int32_t* pf_new = at(o_pf_new, static_cast<int32_t*>(nullptr));
@@ -873,19 +958,7 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
     pf_row[c] = static_cast<int32_t>(first_row[order[n_dec + c]]);
     pf_new[c] = static_cast<int32_t>(s.n_new);
     pf_past[c] = static_cast<int32_t>(s.past);
-    for (int h = 0; h < n_kv; ++h) {
-      cuda::DeviceSpanRule& r = rules[int64_t{c} * n_kv + h];
-      r = {};
-      r.dense = p.rules.empty() || p.rules[h].dense ? 1 : 0;
-      if (r.dense) continue;
-      // SpanTokens' terms (kernels/attention_span.h); clamping to 32 bits changes no window, as
-      // positions are 32-bit.
-      const double blocks =
-          std::floor(static_cast<double>(p.rules[h].alpha) / static_cast<double>(p.span.block));
-      r.alpha_tokens = clamp32(p.span.block * static_cast<int64_t>(blocks));
-      r.beta = p.rules[h].beta;
-      r.min_span = clamp32(p.span.sink + p.span.block);
-    }
+    std::copy_n(head_rules, n_kv, rules + int64_t{c} * n_kv);
   }
 
   if (!graphs_.in_step()) {
@@ -934,9 +1007,9 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
     d.table_begin = d_begin;
     d.table_len = d_len;
     d.table_data = d_data;
-    d.sink_end = dev_at(o_dec_sink, static_cast<const int32_t*>(nullptr));
-    d.win_begin = dev_at(o_dec_win, static_cast<const int32_t*>(nullptr));
     d.seq_len = dev_at(o_dec_len, static_cast<const int32_t*>(nullptr));
+    d.rules = dev_at(o_head_rules, static_cast<const cuda::DeviceSpanRule*>(nullptr));
+    d.sink = clamp32(p.span.sink);
     RETURN_IF_ERROR(
         CudaError(cuda::LaunchDecodeAttention(d, dpool, decode_cfg_, decode_ws_.get(), stream_),
                   "Attention (decode)"));
@@ -968,6 +1041,12 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
 }
 
 absl::Status CudaBackend::BeginStep(int64_t key) {
+  RETURN_IF_ERROR(BeginGraphStep(key));
+  if (!graphs_.in_step()) direct_begin_ = std::chrono::steady_clock::now();
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::BeginGraphStep(int64_t key) {
   if (!options_.graphs) return absl::OkStatus();
   if (pending_decode_.pairs > 0) {
     RETURN_IF_ERROR(EnsureDecodeWorkspace(pending_decode_.head_dim, pending_decode_.group,
@@ -985,14 +1064,102 @@ absl::Status CudaBackend::BeginStep(int64_t key) {
 }
 
 absl::Status CudaBackend::EndStep() {
-  if (!graphs_.in_step()) return absl::OkStatus();
+  if (!graphs_.in_step()) {
+    if (direct_begin_) {
+      direct_host_s_ +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - *direct_begin_).count();
+      ++direct_steps_;
+      direct_begin_.reset();
+    }
+    return absl::OkStatus();
+  }
   return graphs_.End([this] { return SendTableUpdates(); });
 }
 
 void CudaBackend::CancelStep() {
   graphs_.Cancel();
+  direct_begin_.reset();
   // The step's table updates were never sent: what the cache believes the arena holds is wrong.
+  ForgetTables();
+}
+
+void CudaBackend::ForgetTables() {
   table_cache_.Clear();
+  table_groups_.clear();
+}
+
+namespace {
+
+bool SameRules(absl::Span<const SpanRule> a, absl::Span<const SpanRule> b) {
+  return std::equal(
+      a.begin(), a.end(), b.begin(), b.end(), [](const SpanRule& x, const SpanRule& y) {
+        return x.dense == y.dense && (x.dense || (x.alpha == y.alpha && x.beta == y.beta));
+      });
+}
+
+}  // namespace
+
+CudaBackend::TableGroup* CudaBackend::MatchingGroup(const SequenceSlice& s,
+                                                    const AttentionParams& p, int32_t num_blocks,
+                                                    int64_t block_size) {
+  if (s.table_versions.empty()) return nullptr;
+  auto it = table_groups_.find(s.table_versions[0].id);
+  if (it == table_groups_.end()) return nullptr;
+  TableGroup& g = it->second;
+  const int64_t end = s.past + 1;
+  if (g.num_blocks != num_blocks || end < g.last_end || end > g.covered_to ||
+      s.past / block_size != g.write_block || g.span.sink != p.span.sink ||
+      g.span.block != p.span.block) {
+    return nullptr;
+  }
+  if (!std::equal(s.table_versions.begin(), s.table_versions.end(), g.versions.begin(),
+                  g.versions.end(), [](const TableVersion& x, const TableVersion& y) {
+                    return x.id == y.id && x.version == y.version;
+                  })) {
+    return nullptr;
+  }
+  return SameRules(p.rules, g.rules) ? &g : nullptr;
+}
+
+void CudaBackend::RecordGroup(const SequenceSlice& s, const AttentionParams& p, int32_t num_blocks,
+                              int64_t block_size,
+                              absl::Span<BlockTableCache::Placed* const> placed) {
+  // Only tables with identity, and rules whose windows never move left (beta in [0, 1]): the
+  // record stands for later queries only because their keys lie in the blocks checked now.
+  if (s.table_versions.empty()) return;
+  for (const TableVersion& v : s.table_versions) {
+    if (v.id == 0) return;
+  }
+  for (const SpanRule& r : p.rules) {
+    if (!r.dense && !(r.beta >= 0.0 && r.beta <= 1.0)) return;
+  }
+  const int64_t end = s.past + 1;
+  // Later queries see [0, sink) and a window within the keys checked now. Below the sink a query
+  // sees more of it than the one before: no record there.
+  int64_t covered_to = end;
+  if (end >= p.span.sink || p.rules.empty()) {
+    covered_to = std::numeric_limits<int64_t>::max();
+    for (const BlockTableCache::Placed* t : placed)
+      covered_to = std::min(covered_to, t->checked_to);
+  }
+  if (covered_to < end) return;
+  TableGroup& g = table_groups_[s.table_versions[0].id];
+  g.versions.assign(s.table_versions.begin(), s.table_versions.end());
+  g.rules.assign(p.rules.begin(), p.rules.end());
+  g.span = p.span;
+  g.num_blocks = num_blocks;
+  g.last_end = end;
+  g.covered_to = covered_to;
+  g.write_block = s.past / block_size;
+  const size_t n = placed.size();
+  g.begin.resize(n);
+  g.len.resize(n);
+  g.written.resize(n);
+  for (size_t h = 0; h < n; ++h) {
+    g.begin[h] = placed[h]->begin;
+    g.len[h] = placed[h]->len;
+    g.written[h] = s.block_tables[h][g.write_block];
+  }
 }
 
 absl::StatusOr<int32_t*> CudaBackend::TableArena() {
@@ -1014,6 +1181,7 @@ absl::StatusOr<int32_t*> CudaBackend::GrowTableArena(int64_t entries) {
   RETURN_IF_ERROR(CudaError(cudaStreamSynchronize(stream_), "block-table arena"));
   graphs_.Reset();
   table_cache_.Resize(entries);
+  table_groups_.clear();
   RETURN_IF_ERROR(table_arena_.Allocate(entries * int64_t{sizeof(int32_t)}, "block-table arena"));
   return static_cast<int32_t*>(table_arena_.get());
 }

@@ -32,6 +32,11 @@ struct CudaGraphStats {
   // Of the replays: host time spent preparing them (staging inputs) and device time running them.
   double replay_host_seconds = 0;
   double replay_device_seconds = 0;
+  int64_t device_timed_replays = 0;  // replays counted in replay_device_seconds so far
+  // Steps run without a graph (BeginStep .. EndStep) and their host time: the kernels enqueued,
+  // not run (the device overlaps with it).
+  int64_t direct_steps = 0;
+  double direct_host_seconds = 0;
 };
 CudaGraphStats GetCudaGraphStats(const Backend& backend);
 

@@ -8,6 +8,7 @@
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/grid.h"
 #include "kernels/cuda/prefill_attention.h"
+#include "kernels/cuda/span_rule.cuh"
 
 namespace moa::cuda {
 namespace {
@@ -116,23 +117,6 @@ constexpr int kMaxPerLane = 8;
 __device__ float WarpSum(float v) {
   for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
-}
-
-// The visible keys of a query at `pos` under `r`, as kernels/attention_span.h computes them:
-// [0, *sink_end) and [*win_begin, pos] with *win_begin >= *sink_end.
-__device__ void VisibleKeys(const DeviceSpanRule& r, int32_t sink, int64_t pos, int64_t* sink_end,
-                            int64_t* win_begin) {
-  const int64_t n = pos + 1;
-  *sink_end = 0;
-  *win_begin = 0;
-  if (r.dense) return;
-  // The same double product and floor as the host, so the windows agree to the key.
-  const int64_t span = max(static_cast<int64_t>(r.alpha_tokens) +
-                               static_cast<int64_t>(floor(r.beta * static_cast<double>(n))),
-                           static_cast<int64_t>(r.min_span));
-  if (span >= n) return;
-  *sink_end = min(static_cast<int64_t>(sink), n);
-  *win_begin = max(n - (span - sink), *sink_end);
 }
 
 // Block (pair, new row): blockIdx.x is the pair s * n_kv_heads + h, rows blockIdx.y, + gridDim.y,

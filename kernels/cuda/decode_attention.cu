@@ -15,6 +15,7 @@
 #include <cmath>
 
 #include "kernels/cuda/decode_attention.h"
+#include "kernels/cuda/span_rule.cuh"
 
 namespace moa::cuda {
 namespace {
@@ -92,8 +93,16 @@ struct Range {
 
 __device__ Range VisibleRange(const DecodeAttentionArgs& a, int p) {
   const int32_t len = max(a.seq_len[p / a.n_kv_heads], 0);
-  const int32_t se = min(max(a.sink_end[p], 0), len);
-  const int32_t wb = min(max(a.win_begin[p], se), len);
+  int64_t sink_end = 0, win_begin = 0;
+  if (a.rules != nullptr) {
+    VisibleKeys(a.rules[p % a.n_kv_heads], a.sink, static_cast<int64_t>(len) - 1, &sink_end,
+                &win_begin);
+  } else {
+    sink_end = a.sink_end[p];
+    win_begin = a.win_begin[p];
+  }
+  const int32_t se = static_cast<int32_t>(min(max(sink_end, int64_t{0}), int64_t{len}));
+  const int32_t wb = static_cast<int32_t>(min(max(win_begin, int64_t{se}), int64_t{len}));
   return {se, wb, se + (len - wb)};
 }
 

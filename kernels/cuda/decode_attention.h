@@ -26,6 +26,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/prefill_attention.h"
 
 namespace moa::cuda {
 
@@ -50,6 +51,11 @@ struct DecodeAttentionArgs {
   const int32_t* sink_end;
   const int32_t* win_begin;
   const int32_t* seq_len;  // [n_seqs]
+  // Or, where not null, one span rule per KV head (of pair s * n_kv_heads + h: rules[h]) with
+  // SpanParams::sink `sink`: the kernel finds each pair's visible keys itself (sink_end and
+  // win_begin unused), so that the host sends no per-pair windows every step.
+  const DeviceSpanRule* rules;
+  int32_t sink;
 };
 
 enum class DecodeAttentionVariant {

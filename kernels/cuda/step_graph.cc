@@ -73,6 +73,7 @@ absl::Status StepGraphs::Begin(int64_t key, cudaStream_t stream) {
     float ms = 0;
     if (cudaEventElapsedTime(&ms, launch_start_, launch_end_) == cudaSuccess) {
       replay_device_s_ += ms * 1e-3;
+      ++device_timed_;
       Timing& t = timing_[timed_key_];
       t.device_s += ms * 1e-3;
       if (++t.replays == kReplaysToJudge) {

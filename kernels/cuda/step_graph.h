@@ -78,6 +78,9 @@ class StepGraphs {
   // inputs) and device time of the graphs, measured with events (up to the last finished step).
   double replay_host_seconds() const { return replay_host_s_; }
   double replay_device_seconds() const { return replay_device_s_; }
+  // Replays whose device time is in replay_device_seconds (the last one's is known at the next
+  // Begin).
+  int64_t device_timed_replays() const { return device_timed_; }
 
  private:
   enum class Mode { kOff, kCapture, kReplay };
@@ -109,6 +112,7 @@ class StepGraphs {
   int64_t timed_key_ = 0;             // the key of the replay the events bracket
   int64_t captures_ = 0;
   int64_t replays_ = 0;
+  int64_t device_timed_ = 0;
   double replay_host_s_ = 0, replay_device_s_ = 0;
   std::chrono::steady_clock::time_point begin_time_;
   cudaEvent_t launch_start_ = nullptr, launch_end_ = nullptr;

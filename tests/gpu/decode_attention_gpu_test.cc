@@ -186,7 +186,7 @@ void RunCase(const Case& c) {
 
   const DecodeAttentionArgs args{d_q.ptr,    d_out.ptr, c.n_seqs,    n_heads,   c.n_kv_heads,
                                  scale,      d_row.ptr, d_begin.ptr, d_len.ptr, d_data.ptr,
-                                 d_sink.ptr, d_win.ptr, d_seq.ptr};
+                                 d_sink.ptr, d_win.ptr, d_seq.ptr,   nullptr,   0};
   const DevicePool dpool{d_pool.ptr, num_blocks, bs, hd};
   for (const Variant& v : kVariants) {
     SCOPED_TRACE(v.name);
@@ -267,8 +267,9 @@ TEST(DecodeAttention, RefusesUnsupportedShapes) {
   }
   ASSERT_EQ(GetDecodeAttentionConfig(64, 2, 4, &cfg), cudaSuccess);
   // More pairs than the workspace was sized for.
-  const DecodeAttentionArgs args{nullptr, nullptr, 3,       4,       2,       1.0f,   nullptr,
-                                 nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  const DecodeAttentionArgs args{nullptr, nullptr, 3,       4,       2,
+                                 1.0f,    nullptr, nullptr, nullptr, nullptr,
+                                 nullptr, nullptr, nullptr, nullptr, 0};
   EXPECT_EQ(LaunchDecodeAttention(args, DevicePool{nullptr, 1, 16, 64}, cfg, nullptr, nullptr),
             cudaErrorInvalidValue);
 }
