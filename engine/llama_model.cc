@@ -247,6 +247,7 @@ absl::StatusOr<std::unique_ptr<Tensor>> LlamaModel::ForwardToLogits(
     const size_t n_seqs = batch.size();
     std::vector<absl::Span<const int32_t>> tables(n_seqs * c.n_kv_heads);
     std::vector<TableVersion> versions(n_seqs * c.n_kv_heads);
+    std::vector<const HeadBlockTable*> layer_tables(c.n_kv_heads);
     for (size_t s = 0; s < n_seqs; ++s) {
       slices[s].block_tables = absl::MakeConstSpan(tables).subspan(s * c.n_kv_heads, c.n_kv_heads);
       slices[s].table_versions =
@@ -270,10 +271,13 @@ absl::StatusOr<std::unique_ptr<Tensor>> LlamaModel::ForwardToLogits(
       RETURN_IF_ERROR(be.Rope(*k, c.n_kv_heads, c.head_dim, im.inv_freq, positions, c.rope_layout));
       ap.layer = l;
       for (size_t s = 0; s < n_seqs; ++s) {
+        if (!kv.LayerTables(batch[s].seq, l, absl::MakeSpan(layer_tables))) {
+          return absl::InternalError(absl::StrCat("Forward: no tables of sequence ", batch[s].seq,
+                                                  " layer ", l, " in the KV cache"));
+        }
         for (int h = 0; h < c.n_kv_heads; ++h) {
-          const HeadBlockTable& t = kv.table(batch[s].seq, l, h);
-          tables[s * c.n_kv_heads + h] = t.blocks;
-          versions[s * c.n_kv_heads + h] = {t.id, t.version};
+          tables[s * c.n_kv_heads + h] = layer_tables[h]->blocks;
+          versions[s * c.n_kv_heads + h] = {layer_tables[h]->id, layer_tables[h]->version};
         }
       }
       ap.rules = im.rules.empty() ? absl::Span<const SpanRule>() : im.rules[l];

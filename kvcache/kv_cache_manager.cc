@@ -263,6 +263,18 @@ const HeadBlockTable& KvCacheManager::table(SeqId seq, int layer, int kv_head) c
   return it->second.heads[static_cast<size_t>(layer) * layout_.n_kv_heads + kv_head].table;
 }
 
+bool KvCacheManager::LayerTables(SeqId seq, int layer,
+                                 absl::Span<const HeadBlockTable*> out) const {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end() || layer < 0 || layer >= layout_.n_layers ||
+      static_cast<int>(out.size()) != layout_.n_kv_heads) {
+    return false;
+  }
+  const Head* heads = it->second.heads.data() + static_cast<size_t>(layer) * layout_.n_kv_heads;
+  for (int h = 0; h < layout_.n_kv_heads; ++h) out[h] = &heads[h].table;
+  return true;
+}
+
 absl::Status KvCacheManager::CheckInvariants() const {
   std::vector<int32_t> owners(total_, 0);
   int64_t held_total = 0;

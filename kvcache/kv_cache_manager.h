@@ -25,6 +25,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "kernels/attention_span.h"
 
 namespace moa {
@@ -109,6 +110,10 @@ class KvCacheManager {
   int64_t dense_blocks(SeqId seq) const;
   // The table of one head; an empty table for an unknown sequence or head.
   const HeadBlockTable& table(SeqId seq, int layer, int kv_head) const;
+  // The tables of every KV head of one layer (out[h] = &table(seq, layer, h)) with one lookup of
+  // the sequence, for the forward pass; false (out untouched) for an unknown sequence or layer,
+  // or an `out` not of n_kv_heads entries.
+  bool LayerTables(SeqId seq, int layer, absl::Span<const HeadBlockTable*> out) const;
   int64_t num_sequences() const { return static_cast<int64_t>(seqs_.size()); }
 
   // Bookkeeping audit: every block is either free or owned by exactly one (sequence, head), the

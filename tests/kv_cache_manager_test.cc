@@ -410,6 +410,15 @@ TEST(KvCacheManager, TableVersionsChangeWithTheTablesAndIdsAreUnique) {
   }
   EXPECT_EQ(ids.size(), 12u);
   EXPECT_EQ(ids.count(0), 0u);
+  // LayerTables: the same tables, one lookup.
+  std::vector<const HeadBlockTable*> layer(2);
+  ASSERT_TRUE(kv.LayerTables(b, 1, absl::MakeSpan(layer)));
+  EXPECT_EQ(layer[0], &kv.table(b, 1, 0));
+  EXPECT_EQ(layer[1], &kv.table(b, 1, 1));
+  EXPECT_FALSE(kv.LayerTables(b, 2, absl::MakeSpan(layer)));
+  EXPECT_FALSE(kv.LayerTables(12345, 0, absl::MakeSpan(layer)));
+  std::vector<const HeadBlockTable*> three(3);
+  EXPECT_FALSE(kv.LayerTables(b, 0, absl::MakeSpan(three)));
   std::vector<HeadBlockTable> before(4);
   for (int64_t n = 1; n <= 60; ++n) {
     ASSERT_TRUE(kv.Grow(a, n).ok());

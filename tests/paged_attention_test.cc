@@ -264,6 +264,11 @@ TEST(PagedAttention, MissingBlocksAreInternalErrors) {
   SequenceSlice no_tables{10, 1, {}, {}};
   EXPECT_EQ(be->Attention(*q1, *k1, *v1, {&no_tables, 1}, p, *pool, *out1).code(),
             absl::StatusCode::kInvalidArgument);
+  const TableVersion two_versions[] = {{1, 1}, {2, 1}};  // one table, two versions
+  SequenceSlice bad_versions{10, 1, spans, two_versions};
+  st = be->Attention(*q1, *k1, *v1, {&bad_versions, 1}, p, *pool, *out1);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_NE(st.message().find("2 table versions for 1 kv heads"), std::string::npos) << st;
   auto other_pool = be->NewKvPool(8, bs, 2 * hd).value();
   EXPECT_FALSE(be->Attention(*q1, *k1, *v1, {&decode, 1}, p, *other_pool, *out1).ok());
   EXPECT_FALSE(be->NewKvPool(0, 16, 64).ok());

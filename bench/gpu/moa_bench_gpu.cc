@@ -513,7 +513,6 @@ absl::Status RunRow(Backend& be, const Shape& shape, int64_t prompt, const std::
   std::vector<int32_t> picked;
   std::vector<double> step_s;
   double keys_read = 0.0;
-  const CudaGraphStats before_row = GetCudaGraphStats(be);
   CudaGraphStats graphs_before;
   t0 = Clock::now();
   for (int s = 0; s < warmup + steps; ++s) {
@@ -553,45 +552,26 @@ absl::Status RunRow(Backend& be, const Shape& shape, int64_t prompt, const std::
                "(%.2f GB weights + %.2f GB KV per step): %.2f of it\n",
                tag.c_str(), steps, row.step_ms, row.tok_s, row.roofline_tok_s,
                row.weight_bytes / 1e9, row.kv_read_bytes / 1e9, row.fraction);
-  // Where a step's time goes when it is replayed from a CUDA graph: the host staging its inputs
-  // (block tables ...) before the launch, and the graph on the device.
+  // How the steps ran: replayed from a CUDA graph (the host stages the inputs, then the device
+  // runs the graph) or launched directly (the device runs while the host launches). The backend
+  // measures both ways now and then and keeps the faster (kernels/cuda/step_graph.h).
   const CudaGraphStats g = GetCudaGraphStats(be);
   const int64_t replays = g.replays - graphs_before.replays;
-  if (g.keys_without_graph > graphs_before.keys_without_graph || (replays == 0 && g.replays > 0)) {
-    // The replays judged during the warm-up are the ones counted before the timed steps (none
-    // where an earlier row of the same batch size was judged).
-    const int64_t judged = graphs_before.replays - before_row.replays;
-    std::string why = "judged on an earlier row";
-    const int64_t timed = graphs_before.device_timed_replays - before_row.device_timed_replays;
-    if (judged > 0 && timed > 0) {
-      why = absl::StrFormat(
-          "%.2f ms host, %.2f ms device per replay, over %d",
-          (graphs_before.replay_host_seconds - before_row.replay_host_seconds) * 1e3 / judged,
-          (graphs_before.replay_device_seconds - before_row.replay_device_seconds) * 1e3 / timed,
-          judged);
-    }
-    std::fprintf(stderr,
-                 "%sCUDA graphs: not used for this batch size: staging the step took over 30%% "
-                 "of its device time (%s), so kernels are launched directly\n",
-                 tag.c_str(), why.c_str());
+  const int64_t timed = g.device_timed_replays - graphs_before.device_timed_replays;
+  const int64_t direct = g.direct_steps - graphs_before.direct_steps;
+  std::fprintf(stderr, "%ssteps: %lld replayed from CUDA graphs", tag.c_str(),
+               static_cast<long long>(replays));
+  if (replays > 0 && timed > 0) {
+    std::fprintf(stderr, " (per replay %.2f ms host preparation, %.2f ms on the device)",
+                 (g.replay_host_seconds - graphs_before.replay_host_seconds) * 1e3 / replays,
+                 (g.replay_device_seconds - graphs_before.replay_device_seconds) * 1e3 / timed);
   }
-  if (const int64_t direct = g.direct_steps - graphs_before.direct_steps; direct > 0) {
-    std::fprintf(stderr,
-                 "%s%lld timed steps launched directly: %.2f ms of host time each to enqueue "
-                 "them (the device runs meanwhile)\n",
-                 tag.c_str(), static_cast<long long>(direct),
+  std::fprintf(stderr, ", %lld launched directly", static_cast<long long>(direct));
+  if (direct > 0) {
+    std::fprintf(stderr, " (%.2f ms of host time each to launch, the device running meanwhile)",
                  (g.direct_host_seconds - graphs_before.direct_host_seconds) * 1e3 / direct);
   }
-  if (replays > 0) {
-    std::fprintf(
-        stderr,
-        "%sCUDA graphs: %lld of %d timed steps replayed; per replay %.2f ms host "
-        "preparation, %.2f ms on the device\n",
-        tag.c_str(), static_cast<long long>(replays), steps,
-        (g.replay_host_seconds - graphs_before.replay_host_seconds) * 1e3 / replays,
-        (g.replay_device_seconds - graphs_before.replay_device_seconds) * 1e3 /
-            std::max<int64_t>(1, g.device_timed_replays - graphs_before.device_timed_replays));
-  }
+  std::fprintf(stderr, "\n");
   return absl::OkStatus();
 }
 

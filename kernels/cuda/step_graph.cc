@@ -74,20 +74,40 @@ absl::Status StepGraphs::Begin(int64_t key, cudaStream_t stream) {
     if (cudaEventElapsedTime(&ms, launch_start_, launch_end_) == cudaSuccess) {
       replay_device_s_ += ms * 1e-3;
       ++device_timed_;
-      Timing& t = timing_[timed_key_];
-      t.device_s += ms * 1e-3;
-      if (++t.replays == kReplaysToJudge) {
-        if (t.host_s > kMaxHostShare * t.device_s) {
-          key_ = timed_key_;
-          DropKey();
-          no_graph_[timed_key_] = true;
-        }
-        timing_.erase(timed_key_);
-      }
     }
     timing_pending_ = false;
   }
-  if (no_graph_.count(key) > 0) return absl::OkStatus();
+  // The step begun last ended where this one begins: count it for its way, then choose this one's.
+  const auto now = std::chrono::steady_clock::now();
+  if (last_way_ != Timed::kNone) {
+    Judge& j = judges_[last_key_];
+    const double s = std::chrono::duration<double>(now - last_begin_).count();
+    if (j.until_next == 0) {
+      // The fastest of each way's steps: a pause of the caller between two steps (an idle
+      // server) must not count against either.
+      double& best = last_way_ == Timed::kGraph ? j.graph_s : j.direct_s;
+      best = std::min(best, s);
+      ++(last_way_ == Timed::kGraph ? j.graph_steps : j.direct_steps);
+    }
+  }
+  Judge& j = judges_[key];
+  bool graph = j.use_graph;
+  if (j.until_next > 0) {
+    --j.until_next;
+  } else if (j.graph_steps < kStepsToJudge) {
+    graph = true;
+  } else if (j.direct_steps < kStepsToJudge) {
+    graph = false;
+  } else {
+    j.use_graph = j.graph_s <= j.direct_s;
+    graph = j.use_graph;
+    j = Judge{.use_graph = j.use_graph, .until_next = kStepsBetweenJudging};
+  }
+  last_key_ = key;
+  last_begin_ = now;
+  last_way_ = Timed::kDirect;
+  if (!graph) return absl::OkStatus();
+  last_way_ = Timed::kNone;  // a capture, unless a graph of the key exists after the growth below
   begin_time_ = std::chrono::steady_clock::now();
   if (overflow_ || stage_cap_ == 0) {
     RETURN_IF_ERROR(
@@ -101,6 +121,7 @@ absl::Status StepGraphs::Begin(int64_t key, cudaStream_t stream) {
   if (auto it = graphs_.find(key); it != graphs_.end()) {
     current_ = it->second;
     mode_ = Mode::kReplay;
+    last_way_ = Timed::kGraph;
     return absl::OkStatus();
   }
   current_ = Graph{};
@@ -201,8 +222,6 @@ absl::Status StepGraphs::End(absl::FunctionRef<absl::Status()> before_launch) {
     const double host_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - begin_time_).count();
     replay_host_s_ += host_s;
-    timing_[key_].host_s += host_s;  // judged when its device time is known (next Begin)
-    timed_key_ = key_;
     if (launch_start_ == nullptr) {
       RETURN_IF_ERROR(Check(cudaEventCreate(&launch_start_), "timing event"));
       RETURN_IF_ERROR(Check(cudaEventCreate(&launch_end_), "timing event"));
@@ -240,7 +259,14 @@ absl::Status StepGraphs::End(absl::FunctionRef<absl::Status()> before_launch) {
   return Check(cudaGraphLaunch(current_.exec, stream_), "launch");
 }
 
+int64_t StepGraphs::keys_without_graph() const {
+  int64_t n = 0;
+  for (const auto& [key, j] : judges_) n += !j.use_graph;
+  return n;
+}
+
 void StepGraphs::Cancel() {
+  last_way_ = Timed::kNone;  // a step that did not run is no measure
   if (mode_ == Mode::kCapture) {
     cudaGraph_t g = nullptr;
     cudaStreamEndCapture(stream_, &g);

@@ -13,10 +13,11 @@
 // runs the step again (it is then captured anew).
 //
 // A replay cannot start before the host has staged the whole step, while kernels launched one at
-// a time run on the device as the host prepares the next ones. So where staging takes a good
-// part of the device time (large batches of long sequences: block tables of every layer), graphs
-// lose: after a few replays of a key the measured host and device times decide, and a key whose
-// staging takes more than kMaxHostShare of its device time runs without a graph from then on.
+// a time run on the device as the host prepares the next ones; but launching costs the host more
+// than staging. Which is faster depends on the batch, the model and the host, so it is measured:
+// for each key, kStepsToJudge steps run from the graph, then as many without it, each timed from
+// its Begin to the next Begin (all the caller does in a step); the faster way is kept for the
+// next kStepsBetweenJudging steps of the key, then measured again.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -24,6 +25,7 @@
 #include <chrono>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <map>
 #include <utility>
 #include <vector>
@@ -72,7 +74,8 @@ class StepGraphs {
   void Reset() { DropAll(); }
 
   int64_t captures() const { return captures_; }
-  int64_t keys_without_graph() const { return static_cast<int64_t>(no_graph_.size()); }
+  // Keys whose last measurement found launching without a graph faster.
+  int64_t keys_without_graph() const;
   int64_t replays() const { return replays_; }
   // Of the replayed steps: host time from Begin to the launch (the operations staging their
   // inputs) and device time of the graphs, measured with events (up to the last finished step).
@@ -101,15 +104,22 @@ class StepGraphs {
   size_t stage_calls_ = 0, scratch_calls_ = 0, record_calls_ = 0;
   int64_t stage_used_ = 0, scratch_used_ = 0;
   std::map<int64_t, Graph> graphs_;
-  static constexpr double kMaxHostShare = 0.3;
-  static constexpr int kReplaysToJudge = 3;
-  struct Timing {
-    int replays = 0;
-    double host_s = 0, device_s = 0;
+  static constexpr int kStepsToJudge = 4;
+  static constexpr int kStepsBetweenJudging = 512;
+  // Per key: the steps timed each way so far in this measurement, and the verdict.
+  struct Judge {
+    int graph_steps = 0, direct_steps = 0;
+    double graph_s = std::numeric_limits<double>::infinity();  // the fastest step each way
+    double direct_s = std::numeric_limits<double>::infinity();
+    bool use_graph = true;
+    int64_t until_next = 0;  // steps left before measuring again; 0 while measuring
   };
-  std::map<int64_t, Timing> timing_;  // per key, while it is judged
-  std::map<int64_t, bool> no_graph_;  // keys that run without a graph
-  int64_t timed_key_ = 0;             // the key of the replay the events bracket
+  std::map<int64_t, Judge> judges_;
+  enum class Timed { kNone, kGraph, kDirect };
+  // The step begun last: its key, when, and which way it ran (kNone: a capture, not timed).
+  int64_t last_key_ = 0;
+  Timed last_way_ = Timed::kNone;
+  std::chrono::steady_clock::time_point last_begin_;
   int64_t captures_ = 0;
   int64_t replays_ = 0;
   int64_t device_timed_ = 0;

@@ -500,6 +500,61 @@ TEST_F(CudaBackendTest, AttentionMissingBlocks) {
   }
 }
 
+// A block written by two sequences of one call is refused by both backends alike, also when one
+// of the sequences takes the GPU's record of an earlier call (its tables unchanged).
+TEST_F(CudaBackendTest, AttentionTwoWritersOfOneBlock) {
+  const int n_kv = 2, n_heads = 4, hd = 64;
+  AttentionParams p;
+  p.n_heads = n_heads;
+  p.n_kv_heads = n_kv;
+  p.head_dim = hd;
+  // Position 20 is in block 2 of blocks of 8: sequence a writes pool block 7 through head 0.
+  const std::vector<int32_t> a0 = {5, 6, 7}, a1 = {9, 10, 11};
+  const std::vector<int32_t> ok0 = {1, 2, 3}, ok1 = {4, 8, 12}, bad0 = {1, 2, 7};
+  const absl::Span<const int32_t> a_tabs[2] = {a0, a1};
+  const absl::Span<const int32_t> ok_tabs[2] = {ok0, ok1}, bad_tabs[2] = {bad0, ok1};
+  static uint64_t next_id = (uint64_t{1} << 62) + (uint64_t{1} << 40);
+  const uint64_t a_id = next_id, b_id = next_id + 2;
+  next_id += 4;
+  const TableVersion a_v[2] = {{a_id, 1}, {a_id + 1, 1}};
+  const TableVersion ok_v[2] = {{b_id, 1}, {b_id + 1, 1}}, bad_v[2] = {{b_id, 2}, {b_id + 1, 1}};
+  absl::Status got[2];
+  Backend* bes[2] = {cpu_.get(), gpu_.get()};
+  for (int b = 0; b < 2; ++b) {
+    Backend& be = *bes[b];
+    auto pool = be.NewKvPool(16, 8, hd).value();
+    auto q = be.NewActivation(2, n_heads * hd).value();
+    auto k = be.NewActivation(2, n_kv * hd).value();
+    auto v = be.NewActivation(2, n_kv * hd).value();
+    auto o = be.NewActivation(2, n_heads * hd).value();
+    ASSERT_TRUE(be.CopyFromHost(std::vector<float>(2 * n_heads * hd, 0.5f), *q).ok());
+    ASSERT_TRUE(be.CopyFromHost(std::vector<float>(2 * n_kv * hd, 0.5f), *k).ok());
+    ASSERT_TRUE(be.CopyFromHost(std::vector<float>(2 * n_kv * hd, 0.5f), *v).ok());
+    // First the visible keys 0..19 of both sequences must be backed: write them as one prefill.
+    auto q20 = be.NewActivation(40, n_heads * hd).value();
+    auto k20 = be.NewActivation(40, n_kv * hd).value();
+    auto v20 = be.NewActivation(40, n_kv * hd).value();
+    auto o20 = be.NewActivation(40, n_heads * hd).value();
+    ASSERT_TRUE(be.CopyFromHost(std::vector<float>(40 * n_heads * hd, 0.25f), *q20).ok());
+    ASSERT_TRUE(be.CopyFromHost(std::vector<float>(40 * n_kv * hd, 0.25f), *k20).ok());
+    ASSERT_TRUE(be.CopyFromHost(std::vector<float>(40 * n_kv * hd, 0.25f), *v20).ok());
+    const SequenceSlice prefill[2] = {{0, 20, a_tabs, a_v}, {0, 20, ok_tabs, ok_v}};
+    ASSERT_TRUE(be.Attention(*q20, *k20, *v20, prefill, p, *pool, *o20).ok());
+    // A clean decode step, then one where sequence b's head 0 now writes block 7 too.
+    const SequenceSlice fine[2] = {{20, 1, a_tabs, a_v}, {20, 1, ok_tabs, ok_v}};
+    ASSERT_TRUE(be.Attention(*q, *k, *v, fine, p, *pool, *o).ok()) << be.name();
+    const SequenceSlice clash[2] = {{20, 1, a_tabs, a_v}, {20, 1, bad_tabs, bad_v}};
+    got[b] = be.Attention(*q, *k, *v, clash, p, *pool, *o);
+    // Without versions the same.
+    const SequenceSlice plain[2] = {{20, 1, a_tabs, {}}, {20, 1, bad_tabs, {}}};
+    EXPECT_EQ(be.Attention(*q, *k, *v, plain, p, *pool, *o), got[b]) << be.name();
+  }
+  EXPECT_EQ(got[1].code(), absl::StatusCode::kInternal) << got[1];
+  EXPECT_NE(got[1].message().find("KV block 7 is written by two sequences"), std::string::npos)
+      << got[1];
+  EXPECT_EQ(got[1], got[0]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Whole models through LlamaModel.
 
