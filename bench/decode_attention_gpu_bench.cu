@@ -8,7 +8,13 @@
 // over the time, as a fraction of the copy bandwidth, for each variant, and whether the variants'
 // outputs agree; then summaries, a sweep of the tensor kernel's pipeline depth, and a sweep of the
 // minimum keys per block at batch 1. Runs on the GPU machine only.
-// Usage: moa_gpu_bench [--quick] [--general]   (--quick: batch 1 and 8, 4k and 8k only)
+// Usage: moa_gpu_bench [--quick] [--general] [--read] [--only SPEC[,SPEC...]]
+//                      [--variant cuda|tensor] [--stages N] [--runs N]
+//   --quick: batch 1 and 8, 4k and 8k only; --read: also a plain read of the same pool blocks;
+//   --only: just these rows of the table and no sweeps, SPEC = model/batch/len/plan (model mha or
+//   gqa, plan dense, w50, w25 or mixed, any field *), e.g. for the profiler; --variant: time one
+//   variant only; --stages: the tensor kernel's pipeline depth in the table; --runs: timed runs
+//   per row (the median is shown; 15 by default).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -16,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -38,7 +45,10 @@ constexpr int kBlockSize = 16;  // the engine's default KV block (engine/engine.
 constexpr int kSink = 64;       // SpanParams' default sink
 constexpr double kMaxPoolBytes = 40e9;
 constexpr int kWarmup = 3;
-constexpr int kRuns = 15;
+int g_runs = 15;
+// --read: also time a plain read of the same pool blocks (no attention work): what the device
+// gives for this access pattern (random blocks of 4 KB of keys and 4 KB of values).
+bool g_read = false;
 // The variants' outputs must agree to this (relative to the largest output): both are fp32-level.
 constexpr double kAgree = 1e-3;
 
@@ -74,6 +84,42 @@ __global__ void FillPool(__half* p, size_t n) {
   }
 }
 
+// Reads the keys and values of the pool blocks ids[0, n) once, 16 bytes per lane, two blocks per
+// warp in flight; folds them into a value that is written only if it hits a constant (so that
+// the loads stay).
+__global__ void ReadBlocks(const __half* pool, const int32_t* ids, int64_t n, int64_t value_offset,
+                           uint32_t* sink) {
+  constexpr int kPerLane = kBlockSize * kHeadDim * static_cast<int>(sizeof(__half)) / 16 / 32;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  uint32_t acc = 0;
+  for (int64_t b = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; b < n;
+       b += 2 * warps) {
+    uint4 x[2][2][kPerLane];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int64_t i = b + u * warps;
+      const int32_t id = i < n ? ids[i] : -1;
+      const __half* k = pool + static_cast<int64_t>(id) * kBlockSize * kHeadDim + lane * 8;
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        x[u][0][j] = id >= 0 ? __ldg(reinterpret_cast<const uint4*>(k + j * 256)) : uint4{};
+        x[u][1][j] =
+            id >= 0 ? __ldg(reinterpret_cast<const uint4*>(k + value_offset + j * 256)) : uint4{};
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        acc ^= x[u][0][j].x ^ x[u][0][j].y ^ x[u][0][j].z ^ x[u][0][j].w ^ x[u][1][j].x ^
+               x[u][1][j].y ^ x[u][1][j].z ^ x[u][1][j].w;
+      }
+    }
+  }
+  if (acc == 0x9E3779B9u) *sink = acc;
+}
+
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -87,7 +133,7 @@ double TimeIt(Fn fn) {
   CHECK_CUDA(cudaEventCreate(&stop));
   for (int i = 0; i < kWarmup; ++i) fn();
   std::vector<double> t;
-  for (int i = 0; i < kRuns; ++i) {
+  for (int i = 0; i < g_runs; ++i) {
     CHECK_CUDA(cudaEventRecord(start));
     fn();
     CHECK_CUDA(cudaEventRecord(stop));
@@ -271,6 +317,27 @@ Result RunConfig(const Model& m, int batch, int len, Plan plan, double copy_bw, 
     }
     CHECK_CUDA(cudaFree(ws));
   }
+  if (g_read) {
+    std::vector<int32_t> ids;
+    for (int32_t id : table_data) {
+      if (id >= 0) ids.push_back(id);
+    }
+    int32_t* d_ids = Upload(ids);
+    uint32_t* d_sink = nullptr;
+    CHECK_CUDA(cudaMalloc(&d_sink, sizeof(uint32_t)));
+    int per_sm = 0, sms = 0;
+    CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ReadBlocks, 256, 0));
+    CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    const int64_t value_offset = static_cast<int64_t>(used) * kBlockSize * kHeadDim;
+    const double t = TimeIt([&] {
+      ReadBlocks<<<sms * per_sm, 256>>>(pool, d_ids, static_cast<int64_t>(ids.size()), value_offset,
+                                        d_sink);
+      CHECK_CUDA(cudaGetLastError());
+    });
+    std::printf(" read %9.1f | %5.1f%% |", t * 1e6, 100.0 * pool_bytes / t / copy_bw);
+    CHECK_CUDA(cudaFree(d_ids));
+    CHECK_CUDA(cudaFree(d_sink));
+  }
   if (timings.size() >= 2) std::printf(" %6.2fx |", res.fraction[1] / res.fraction[0]);
   if (check && outs.size() == 2) {
     double worst = 0.0, ref = 0.0;
@@ -344,17 +411,87 @@ struct Summary {
   }
 };
 
+// One --only row selector: model/batch/len/plan, each field a value or * (any).
+struct Only {
+  std::string model, plan;  // "" = any
+  int batch = 0, len = 0;   // 0 = any
+};
+
+bool ParseOnly(const std::string& spec, Only* o) {
+  std::vector<std::string> f;
+  size_t at = 0;
+  for (size_t slash; (slash = spec.find('/', at)) != std::string::npos; at = slash + 1) {
+    f.push_back(spec.substr(at, slash - at));
+  }
+  f.push_back(spec.substr(at));
+  if (f.size() != 4) return false;
+  const auto any = [](const std::string& x) { return x == "*"; };
+  if (!any(f[0]) && f[0] != "mha" && f[0] != "gqa") return false;
+  if (!any(f[3]) && f[3] != "dense" && f[3] != "w50" && f[3] != "w25" && f[3] != "mixed") {
+    return false;
+  }
+  o->model = any(f[0]) ? "" : f[0];
+  o->plan = any(f[3]) ? "" : f[3];
+  o->batch = any(f[1]) ? 0 : std::atoi(f[1].c_str());
+  o->len = any(f[2]) ? 0 : std::atoi(f[2].c_str());
+  return (any(f[1]) || o->batch > 0) && (any(f[2]) || o->len > 0);
+}
+
+const char* PlanKey(Plan p) {
+  switch (p) {
+    case Plan::kDense:
+      return "dense";
+    case Plan::kUniform50:
+      return "w50";
+    case Plan::kUniform25:
+      return "w25";
+    case Plan::kMixed50:
+      return "mixed";
+  }
+  return "";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   bool quick = false, general = false;
+  std::vector<Only> only;
+  std::string variant = "both";
+  int stages = 0;
   for (int i = 1; i < argc; ++i) {
+    const bool has_value = i + 1 < argc;
     if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
     } else if (std::strcmp(argv[i], "--general") == 0) {
       general = true;
+    } else if (std::strcmp(argv[i], "--read") == 0) {
+      g_read = true;
+    } else if (std::strcmp(argv[i], "--only") == 0 && has_value) {
+      const std::string list = argv[++i];
+      size_t at = 0;
+      for (;;) {
+        const size_t comma = list.find(',', at);
+        Only o;
+        if (!ParseOnly(list.substr(at, comma == std::string::npos ? comma : comma - at), &o)) {
+          std::fprintf(stderr, "bad --only spec in %s\n", list.c_str());
+          return 2;
+        }
+        only.push_back(o);
+        if (comma == std::string::npos) break;
+        at = comma + 1;
+      }
+    } else if (std::strcmp(argv[i], "--variant") == 0 && has_value &&
+               (std::strcmp(argv[i + 1], "cuda") == 0 || std::strcmp(argv[i + 1], "tensor") == 0)) {
+      variant = argv[++i];
+    } else if (std::strcmp(argv[i], "--stages") == 0 && has_value && std::atoi(argv[i + 1]) > 0) {
+      stages = std::atoi(argv[++i]);
+    } else if (std::strcmp(argv[i], "--runs") == 0 && has_value && std::atoi(argv[i + 1]) > 0) {
+      g_runs = std::atoi(argv[++i]);
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--general]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--quick] [--general] [--read] [--only SPEC[,SPEC...]] [--variant "
+                   "cuda|tensor] [--stages N] [--runs N]\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -362,29 +499,46 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
   const double copy_bw = CopyBandwidth();
   std::printf("device: %s, %d SMs; copy bandwidth (read + written, median of %d): %.0f GB/s\n",
-              prop.name, prop.multiProcessorCount, kRuns, copy_bw / 1e9);
+              prop.name, prop.multiProcessorCount, g_runs, copy_bw / 1e9);
   std::printf(
       "decode attention, one layer, head_dim %d, fp16 KV in blocks of %d positions (random "
       "placement, random values), sink %d;\nKV MB = key and value bytes of the visible keys; "
       "time = median of %d after %d warm-up runs; CUDA cores = the first kernel, tensor cores = "
       "mma.sync tiles (default pipeline depth);\ndiff = max |tensor - CUDA cores| / max |output|"
       "%s\n\n",
-      kHeadDim, kBlockSize, kSink, kRuns, kWarmup,
+      kHeadDim, kBlockSize, kSink, g_runs, kWarmup,
       general ? "; general = the backend's one block per (row, KV head) kernel" : "");
-  std::printf(
-      "| model      | batch | KV len | plan       |     KV MB | CUDA cores us | of copy |"
-      " tensor us | of copy | speedup |    diff |%s\n"
-      "|------------|-------|--------|------------|-----------|---------------|---------|"
-      "-----------|---------|---------|---------|%s\n",
-      general ? " general us |" : "", general ? "------------|" : "");
+  const bool one_variant = variant != "both";
+  std::printf("| model      | batch | KV len | plan       |     KV MB |%s%s\n",
+              one_variant
+                  ? (variant == "cuda" ? " CUDA cores us | of copy |" : " tensor us | of copy |")
+                  : " CUDA cores us | of copy | tensor us | of copy | speedup |    diff |",
+              general ? " general us |" : "");
+  std::printf("|------------|-------|--------|------------|-----------|%s%s\n",
+              one_variant
+                  ? (variant == "cuda" ? "---------------|---------|" : "-----------|---------|")
+                  : "---------------|---------|-----------|---------|---------|---------|",
+              general ? "------------|" : "");
   const Model models[] = {{"L2-7B MHA", 32, 32}, {"L3-8B GQA", 32, 8}};
   std::vector<int> batches = {1, 8, 32, 64}, lens = {4096, 8192, 16384, 32768};
   if (quick) {
     batches = {1, 8};
     lens = {4096, 8192};
   }
-  const std::vector<Timing> both = {{DecodeAttentionVariant::kCudaCores, 0, 0},
-                                    {DecodeAttentionVariant::kTensorCores, 0, 0}};
+  std::vector<Timing> timed;
+  if (variant != "tensor") timed.push_back({DecodeAttentionVariant::kCudaCores, 0, 0});
+  if (variant != "cuda") timed.push_back({DecodeAttentionVariant::kTensorCores, stages, 0});
+  const auto selected = [&](const Model& m, int batch, int len, Plan plan) {
+    if (only.empty()) return true;
+    const std::string model = m.n_heads == m.n_kv_heads ? "mha" : "gqa";
+    for (const Only& o : only) {
+      if ((o.model.empty() || o.model == model) && (o.batch == 0 || o.batch == batch) &&
+          (o.len == 0 || o.len == len) && (o.plan.empty() || o.plan == PlanKey(plan))) {
+        return true;
+      }
+    }
+    return false;
+  };
   std::mt19937 rng(7);
   Summary cuda_cores, tensor, by_default;
   int mismatches = 0;
@@ -394,11 +548,16 @@ int main(int argc, char** argv) {
     for (int batch : batches) {
       for (int len : lens) {
         for (Plan plan : {Plan::kDense, Plan::kUniform50, Plan::kUniform25, Plan::kMixed50}) {
+          if (!selected(m, batch, len, plan)) continue;
           const Result r =
-              RunConfig(m, batch, len, plan, copy_bw, rng, both, true, general, false, "");
+              RunConfig(m, batch, len, plan, copy_bw, rng, timed, true, general, false, "");
           if (!r.ran) continue;
           const std::string row = std::string(m.name) + " batch " + std::to_string(batch) +
                                   " len " + std::to_string(len) + " " + PlanName(plan);
+          if (timed.size() == 1) {
+            (variant == "cuda" ? cuda_cores : tensor).Add(r.fraction[0], row);
+            continue;
+          }
           cuda_cores.Add(r.fraction[0], row);
           tensor.Add(r.fraction[1], row);
           by_default.Add(r.fraction[def.tensor_cores ? 1 : 0], row);
@@ -412,6 +571,7 @@ int main(int argc, char** argv) {
   tensor.Print("tensor cores");
   by_default.Print("default variant per model");
   std::printf("variants disagreeing by more than %.0e: %d\n", kAgree, mismatches);
+  if (!only.empty()) return mismatches == 0 ? 0 : 1;
 
   // The tensor kernel's pipeline depth (16-key tiles in flight per warp; deeper stages take more
   // shared memory, so fewer blocks fit on an SM).

@@ -29,13 +29,17 @@ constexpr float kLog2e = 1.4426950408889634f;
 // Tensor cores: a warp's tile is 16 consecutive key positions (the k of mma m16n8k16); each
 // stage of its cp.async pipeline holds one tile's keys and values (4 KB + 4 KB at head_dim 128).
 constexpr int kTile = 16;
-// Measured on an H100: 2-4 stages are within 2% at batch 8-64 (bytes in flight are not what
-// limits there); 3 is best or close at batch 1.
+// Measured on an H100 (docs/benchmarks-gpu-decode-attention.md): at batch 8-64, 3 stages (2
+// blocks per SM) are within 3% of 2 (3 blocks), unless the pairs' prefix sums leave room for only
+// one 3-stage block (MHA batch 64: 7% slower), and 4 stages (1 block) are 1-15% slower; at batch
+// 1, 3 stages are 11% faster than 2.
 constexpr int kDefaultStages = 3;
 constexpr int kMaxStages = 4;
-// From this group size on the tensor-core kernel is the default: 1.01-1.69x faster for group 4;
-// for MHA it is no faster than the CUDA-core kernel (docs/benchmarks-gpu-decode-attention.md).
-constexpr int kTensorCoresFromGroup = 2;
+// From this group size on the tensor-core kernel is the default: 1.09-2.21x faster for group 4,
+// and for MHA 1.00-1.16x faster at batch 8-64 (0.84-0.87x on three batch-1 rows with short
+// windows, which are latency-bound either way): the batches that decide throughput win
+// (docs/benchmarks-gpu-decode-attention.md).
+constexpr int kTensorCoresFromGroup = 1;
 
 struct Workspace {
   int32_t* count;  // [max_pairs] blocks done with each pair; zero between launches
@@ -72,6 +76,11 @@ Workspace Carve(void* base, const DecodeAttentionConfig& c, int64_t* bytes) {
 // prefix sums, max_pairs + 1 as 64-bit]. The split area holds the warps' outputs
 // [kWarps][group][head_dim] (CUDA cores), or each warp's cp.async stages followed by all warps'
 // key masks [kWarps][stages][32] (tensor cores; a warp's output then reuses its own stages).
+// The kernel starts it on a kSharedAlign boundary: dynamic shared memory begins after the static
+// variables (144 bytes for group 4, so only 16-byte aligned), and cp.async reads each 32-byte
+// global sector from L2 once only if it lands in one aligned 32-byte piece of shared memory (else
+// once per 16-byte half: measured with Nsight Compute on an H100, twice the L2 sectors).
+constexpr int kSharedAlign = 128;
 __host__ __device__ constexpr int64_t TensorStageBytes(int hd) { return int64_t{hd} * 4 * kTile; }
 
 __host__ __device__ constexpr int64_t SplitAreaBytes(int hd, int group, bool tc, int stages) {
@@ -81,7 +90,7 @@ __host__ __device__ constexpr int64_t SplitAreaBytes(int hd, int group, bool tc,
 __host__ __device__ constexpr int64_t StateBytes(int group) { return AlignUp(4 * kWarps * group); }
 
 int64_t SharedBytes(int hd, int group, bool tc, int stages, int max_pairs) {
-  return SplitAreaBytes(hd, group, tc, stages) + 2 * StateBytes(group) +
+  return kSharedAlign + SplitAreaBytes(hd, group, tc, stages) + 2 * StateBytes(group) +
          int64_t{8} * (max_pairs + 1);
 }
 
@@ -370,7 +379,12 @@ __device__ __forceinline__ void CpAsyncWait(int pending) {
 //     tiles; lane (g, t) loads 16 bytes (dims 8g + 64c ..) of each of its four keys and pairs
 //     the keys' halves (byte_perm) into B fragments: column g of column tile 8c + d is dim
 //     (g + 8c) * 8 + d.
-// Each lane copies exactly the bytes it later reads, so the pipeline needs no barrier.
+// Each lane copies exactly the bytes it later reads, so the pipeline needs no barrier. Each copy
+// instruction fills 512 contiguous bytes of a stage, lane (g, t)'s 16 bytes at 16 * (4g + t) for
+// keys and at 16 * (8t + g) for values: either way the lanes that read one 32-byte (for values,
+// 128-byte) run of the pool write one aligned run of shared memory, so that cp.async reads each
+// sector from L2 once and writes shared memory in few wavefronts. (Values at 16 * (4g + t), by
+// lane, cost twice the L2 sectors and six times the wavefronts of the ideal, per Nsight Compute.)
 template <int HD, int G>
 __device__ void TensorSplit(const DecodeAttentionArgs& a, const DevicePool& pool,
                             const PairPart& part, const WarpStates& st, int stages, uint4* stage,
@@ -392,8 +406,27 @@ __device__ void TensorSplit(const DecodeAttentionArgs& a, const DevicePool& pool
   const int n0 = pa0 < pb0 ? (pb0 - 1) / kTile - pa0 / kTile + 1 : 0;
   const int n1 = pa1 < pb1 ? (pb1 - 1) / kTile - pa1 / kTile + 1 : 0;
   const int n_mine = (n0 + n1 - warp + kWarps - 1) / kWarps;
-  stage += warp * stages * kSlots * 32 + lane;
+  stage += warp * stages * kSlots * 32;
+  const int k_at = lane, v_at = 8 * t + g;  // this lane's 16 bytes in a slot of 32
   masks += warp * stages * 32 + lane;
+
+  // First position of this warp's i-th tile.
+  const auto tile_pos = [&](int i) {
+    const int tile = warp + i * kWarps;
+    const bool sink = tile < n0;
+    return ((sink ? pa0 : pa1) / kTile + (sink ? tile : tile - n0)) * kTile;
+  };
+  // The table entry of tile i's pool block where the tile lies in one block (else unused), read
+  // one tile early: read where the tile's copies are issued, its latency (an L2 round trip, long
+  // while the memory system is busy) held them back; read early, it takes 0-7% off the time (most
+  // where few warps share an SM; docs/benchmarks-gpu-decode-attention.md).
+  const auto block_id = [&](int i) -> int32_t {
+    if (i >= n_mine) return -1;
+    const int p0 = tile_pos(i), blk0 = p0 / bs;
+    return p0 - blk0 * bs + kTile <= bs && blk0 < part.t_len ? a.table_data[part.t_begin + blk0]
+                                                             : -1;
+  };
+  int32_t next_id = block_id(0);
 
   // Starts copying this warp's i-th tile into stage i % stages (one commit group either way).
   const auto issue = [&](int i) {
@@ -401,12 +434,12 @@ __device__ void TensorSplit(const DecodeAttentionArgs& a, const DevicePool& pool
       const int tile = warp + i * kWarps;
       const bool sink = tile < n0;
       const int pa = sink ? pa0 : pa1, pb = sink ? pb0 : pb1;
-      const int p0 = (pa / kTile + (sink ? tile : tile - n0)) * kTile;
+      const int p0 = tile_pos(i);
       const int blk0 = p0 / bs, off0 = p0 - blk0 * bs;
       const bool one_block = off0 + kTile <= bs;
       int64_t base = -1;
       if (one_block && blk0 < part.t_len) {
-        const int32_t id = a.table_data[part.t_begin + blk0];
+        const int32_t id = next_id;
         if (id >= 0 && id < pool.num_blocks) base = static_cast<int64_t>(id) * bs + off0;
       }
       // Pool row of the tile's key j, or -1 if not visible (or its block is missing).
@@ -426,7 +459,9 @@ __device__ void TensorSplit(const DecodeAttentionArgs& a, const DevicePool& pool
         const int64_t row = row_of(g + 8 * n);
         const __half* src = pool.data + max(row, int64_t{0}) * HD + 8 * t;
 #pragma unroll
-        for (int c = 0; c < kKc; ++c) CpAsync16(dst + (n * kKc + c) * 32, src + 32 * c, row >= 0);
+        for (int c = 0; c < kKc; ++c) {
+          CpAsync16(dst + (n * kKc + c) * 32 + k_at, src + 32 * c, row >= 0);
+        }
       }
       int mask = 0;
 #pragma unroll
@@ -436,11 +471,12 @@ __device__ void TensorSplit(const DecodeAttentionArgs& a, const DevicePool& pool
         const __half* src = pool.data + value_offset + max(row, int64_t{0}) * HD + 8 * g;
 #pragma unroll
         for (int c = 0; c < kVc; ++c) {
-          CpAsync16(dst + (2 * kKc + k * kVc + c) * 32, src + 64 * c, row >= 0);
+          CpAsync16(dst + (2 * kKc + k * kVc + c) * 32 + v_at, src + 64 * c, row >= 0);
         }
       }
       masks[(i % stages) * 32] = mask;
     }
+    next_id = block_id(i + 1);
     CpAsyncCommit();
   };
   for (int i = 0; i < stages - 1; ++i) issue(i);
@@ -478,7 +514,7 @@ __device__ void TensorSplit(const DecodeAttentionArgs& a, const DevicePool& pool
     for (int n = 0; n < 2; ++n) {
 #pragma unroll
       for (int c = 0; c < kKc; ++c) {
-        const uint4 k = src[(n * kKc + c) * 32];
+        const uint4 k = src[(n * kKc + c) * 32 + k_at];
         Mma(s[n], qa[2 * c], k.x, k.y);
         Mma(s[n], qa[2 * c + 1], k.z, k.w);
       }
@@ -515,7 +551,7 @@ __device__ void TensorSplit(const DecodeAttentionArgs& a, const DevicePool& pool
       uint32_t v[4][4];  // [key 2t, 2t + 1, 2t + 8, 2t + 9][pairs of dims]
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const uint4 x = src[(2 * kKc + k * kVc + c) * 32];
+        const uint4 x = src[(2 * kKc + k * kVc + c) * 32 + v_at];
         v[k][0] = x.x;
         v[k][1] = x.y;
         v[k][2] = x.z;
@@ -667,7 +703,9 @@ __device__ void FinishPair(const WarpStates& st, const Workspace& w, float* orow
 template <int HD, int G, bool kTensor>
 __global__ void __launch_bounds__(kThreads)
     DecodeKernel(DecodeAttentionArgs a, DevicePool pool, Workspace w, int min_keys, int stages) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem =  // see kSharedAlign
+      smem_raw + (kSharedAlign - __cvta_generic_to_shared(smem_raw) % kSharedAlign) % kSharedAlign;
   const int64_t split_bytes = SplitAreaBytes(HD, G, kTensor, stages);
   WarpStates st;
   st.o = reinterpret_cast<float*>(smem);
