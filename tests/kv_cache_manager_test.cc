@@ -385,10 +385,8 @@ TEST(KvCacheManager, FreedWindowBlocksAreNeverNeededAgain) {
   }
 }
 
-// A backend may keep its own copy of a table and trust it while the version stays (TableVersion,
-// kernels/backend.h): every change of the entries must change the version, and ids must be
-// unique across managers.
-TEST(KvCacheManager, TableVersionsChangeWithTheTablesAndIdsAreUnique) {
+// Two layers of two KV heads, blocks of 4: a dense, a local, an elastic and a dense head.
+KvLayout TwoLayerMixedLayout() {
   KvLayout l;
   l.n_layers = 2;
   l.n_kv_heads = 2;
@@ -396,6 +394,14 @@ TEST(KvCacheManager, TableVersionsChangeWithTheTablesAndIdsAreUnique) {
   l.block_size = 4;
   l.span = {4, 4};
   l.rules = {{SpanRule{}, SpanRule{false, 8, 0.0}}, {SpanRule{false, 4, 0.5}, SpanRule{}}};
+  return l;
+}
+
+// A backend may keep its own copy of a table and trust it while the version stays (TableVersion,
+// kernels/backend.h): every change of the entries must change the version, and ids must be
+// unique across managers.
+TEST(KvCacheManager, TableVersionsChangeWithTheTablesAndIdsAreUnique) {
+  const KvLayout l = TwoLayerMixedLayout();
   KvCacheManager kv(l, 400);
   KvCacheManager other(l, 400);
   const SeqId a = kv.AddSequence(), b = kv.AddSequence(), c = other.AddSequence();
@@ -489,13 +495,7 @@ TEST(KvCacheManager, CreateRejectsBadLayouts) {
 }
 
 TEST(KvCacheManager, PeakBlocksIsTheMostASequenceHolds) {
-  KvLayout l;
-  l.n_layers = 2;
-  l.n_kv_heads = 2;
-  l.head_dim = 4;
-  l.block_size = 4;
-  l.span = {4, 4};
-  l.rules = {{SpanRule{}, SpanRule{false, 8, 0.0}}, {SpanRule{false, 4, 0.5}, SpanRule{}}};
+  const KvLayout l = TwoLayerMixedLayout();
   const int64_t prompt = 37, chunk = 10, total = 90;
   KvCacheManager kv(l, 1000);
   const SeqId seq = kv.AddSequence();

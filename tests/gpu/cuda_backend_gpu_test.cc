@@ -455,6 +455,23 @@ TEST_F(CudaBackendTest, AttentionMatchesCpu) {
   }
 }
 
+// q, k, v of `rows` rows filled with `value`, and an output, for Attention's error cases.
+struct AttnTensors {
+  std::unique_ptr<Tensor> q, k, v, out;
+};
+AttnTensors ConstantAttnTensors(Backend& be, int64_t rows, int n_heads, int n_kv, int hd,
+                                float value) {
+  AttnTensors t;
+  t.q = be.NewActivation(rows, int64_t{n_heads} * hd).value();
+  t.k = be.NewActivation(rows, int64_t{n_kv} * hd).value();
+  t.v = be.NewActivation(rows, int64_t{n_kv} * hd).value();
+  t.out = be.NewActivation(rows, int64_t{n_heads} * hd).value();
+  for (Tensor* x : {t.q.get(), t.k.get(), t.v.get()}) {
+    EXPECT_TRUE(be.CopyFromHost(std::vector<float>(x->rows() * x->cols(), value), *x).ok());
+  }
+  return t;
+}
+
 // A table missing a block where a new row goes, or where a visible key lives: the same INTERNAL
 // error from both backends, and no crash.
 TEST_F(CudaBackendTest, AttentionMissingBlocks) {
@@ -476,16 +493,10 @@ TEST_F(CudaBackendTest, AttentionMissingBlocks) {
       p.n_heads = n_heads;
       p.n_kv_heads = n_kv;
       p.head_dim = hd;
-      auto q = be.NewActivation(3, n_heads * hd).value();
-      auto k = be.NewActivation(3, n_kv * hd).value();
-      auto v = be.NewActivation(3, n_kv * hd).value();
-      auto o = be.NewActivation(3, n_heads * hd).value();
-      ASSERT_TRUE(be.CopyFromHost(std::vector<float>(3 * n_heads * hd, 0.5f), *q).ok());
-      ASSERT_TRUE(be.CopyFromHost(std::vector<float>(3 * n_kv * hd, 0.5f), *k).ok());
-      ASSERT_TRUE(be.CopyFromHost(std::vector<float>(3 * n_kv * hd, 0.5f), *v).ok());
-      got[b] = be.Attention(*q, *k, *v, {&s, 1}, p, *pool, *o);
+      AttnTensors t = ConstantAttnTensors(be, 3, n_heads, n_kv, hd, 0.5f);
+      got[b] = be.Attention(*t.q, *t.k, *t.v, {&s, 1}, p, *pool, *t.out);
       // The backend is still usable afterwards.
-      EXPECT_EQ(Host(be, *o).size(), size_t{3 * n_heads * hd});
+      EXPECT_EQ(Host(be, *t.out).size(), size_t{3 * n_heads * hd});
     }
     EXPECT_EQ(got[1].code(), absl::StatusCode::kInternal) << got[1];
     if (variant == 0) {
@@ -523,31 +534,19 @@ TEST_F(CudaBackendTest, AttentionTwoWritersOfOneBlock) {
   for (int b = 0; b < 2; ++b) {
     Backend& be = *bes[b];
     auto pool = be.NewKvPool(16, 8, hd).value();
-    auto q = be.NewActivation(2, n_heads * hd).value();
-    auto k = be.NewActivation(2, n_kv * hd).value();
-    auto v = be.NewActivation(2, n_kv * hd).value();
-    auto o = be.NewActivation(2, n_heads * hd).value();
-    ASSERT_TRUE(be.CopyFromHost(std::vector<float>(2 * n_heads * hd, 0.5f), *q).ok());
-    ASSERT_TRUE(be.CopyFromHost(std::vector<float>(2 * n_kv * hd, 0.5f), *k).ok());
-    ASSERT_TRUE(be.CopyFromHost(std::vector<float>(2 * n_kv * hd, 0.5f), *v).ok());
+    AttnTensors t = ConstantAttnTensors(be, 2, n_heads, n_kv, hd, 0.5f);
     // First the visible keys 0..19 of both sequences must be backed: write them as one prefill.
-    auto q20 = be.NewActivation(40, n_heads * hd).value();
-    auto k20 = be.NewActivation(40, n_kv * hd).value();
-    auto v20 = be.NewActivation(40, n_kv * hd).value();
-    auto o20 = be.NewActivation(40, n_heads * hd).value();
-    ASSERT_TRUE(be.CopyFromHost(std::vector<float>(40 * n_heads * hd, 0.25f), *q20).ok());
-    ASSERT_TRUE(be.CopyFromHost(std::vector<float>(40 * n_kv * hd, 0.25f), *k20).ok());
-    ASSERT_TRUE(be.CopyFromHost(std::vector<float>(40 * n_kv * hd, 0.25f), *v20).ok());
+    AttnTensors t20 = ConstantAttnTensors(be, 40, n_heads, n_kv, hd, 0.25f);
     const SequenceSlice prefill[2] = {{0, 20, a_tabs, a_v}, {0, 20, ok_tabs, ok_v}};
-    ASSERT_TRUE(be.Attention(*q20, *k20, *v20, prefill, p, *pool, *o20).ok());
+    ASSERT_TRUE(be.Attention(*t20.q, *t20.k, *t20.v, prefill, p, *pool, *t20.out).ok());
     // A clean decode step, then one where sequence b's head 0 now writes block 7 too.
     const SequenceSlice fine[2] = {{20, 1, a_tabs, a_v}, {20, 1, ok_tabs, ok_v}};
-    ASSERT_TRUE(be.Attention(*q, *k, *v, fine, p, *pool, *o).ok()) << be.name();
+    ASSERT_TRUE(be.Attention(*t.q, *t.k, *t.v, fine, p, *pool, *t.out).ok()) << be.name();
     const SequenceSlice clash[2] = {{20, 1, a_tabs, a_v}, {20, 1, bad_tabs, bad_v}};
-    got[b] = be.Attention(*q, *k, *v, clash, p, *pool, *o);
+    got[b] = be.Attention(*t.q, *t.k, *t.v, clash, p, *pool, *t.out);
     // Without versions the same.
     const SequenceSlice plain[2] = {{20, 1, a_tabs, {}}, {20, 1, bad_tabs, {}}};
-    EXPECT_EQ(be.Attention(*q, *k, *v, plain, p, *pool, *o), got[b]) << be.name();
+    EXPECT_EQ(be.Attention(*t.q, *t.k, *t.v, plain, p, *pool, *t.out), got[b]) << be.name();
   }
   EXPECT_EQ(got[1].code(), absl::StatusCode::kInternal) << got[1];
   EXPECT_NE(got[1].message().find("KV block 7 is written by two sequences"), std::string::npos)
