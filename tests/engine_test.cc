@@ -21,6 +21,7 @@
 #include "engine/stop_matcher.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
+#include "tests/engine_run_all.h"
 #include "tests/test_util.h"
 
 namespace moa {
@@ -248,28 +249,8 @@ Result RunOne(Engine& e, const GenerationRequest& req) {
   return c.Wait();
 }
 
-// All requests submitted at once, then all awaited. The first request's first chunk holds the
-// engine thread until all are submitted, so all of them are queued by the second step whatever
-// the machine's load.
 std::vector<Result> RunAll(Engine& e, const std::vector<GenerationRequest>& reqs) {
-  std::vector<std::unique_ptr<Collector>> cs;
-  absl::Notification all_submitted;
-  for (const GenerationRequest& r : reqs) {
-    cs.push_back(std::make_unique<Collector>());
-    Engine::ChunkCallback cb = cs.back()->Callback();
-    if (cs.size() == 1) {
-      cb = [cb, &all_submitted](const GenerationChunk& c) {
-        all_submitted.WaitForNotification();
-        cb(c);
-      };
-    }
-    absl::StatusOr<int64_t> id = e.Submit(r, cb);
-    EXPECT_TRUE(id.ok()) << id.status();
-  }
-  all_submitted.Notify();
-  std::vector<Result> out;
-  for (auto& c : cs) out.push_back(c->Wait());
-  return out;
+  return testing::RunAll<Collector>(e, reqs);
 }
 
 GenerationRequest Req(std::vector<int32_t> prompt, int32_t max_tokens) {

@@ -324,6 +324,7 @@ absl::Status RandomFill(Backend& be, const ModelConfig& c, KvCacheManager& kv, K
   ap.rules = narrow;
   std::vector<absl::Span<const int32_t>> tables(group * c.n_kv_heads);
   std::vector<TableVersion> versions(group * c.n_kv_heads);
+  std::vector<const HeadBlockTable*> layer_tables(c.n_kv_heads);
   std::vector<SequenceSlice> slices;
   for (size_t g0 = 0; g0 < seqs.size(); g0 += group) {
     const size_t ns = std::min(group, seqs.size() - g0);
@@ -349,10 +350,12 @@ absl::Status RandomFill(Backend& be, const ModelConfig& c, KvCacheManager& kv, K
       }
       for (int l = 0; l < c.n_layers; ++l) {
         for (size_t i = 0; i < ns; ++i) {
+          if (!kv.LayerTables(seqs[g0 + i], l, absl::MakeSpan(layer_tables))) {
+            return absl::InternalError("random fill: a sequence left the KV cache");
+          }
           for (int h = 0; h < c.n_kv_heads; ++h) {
-            const HeadBlockTable& t = kv.table(seqs[g0 + i], l, h);
-            tables[i * c.n_kv_heads + h] = t.blocks;
-            versions[i * c.n_kv_heads + h] = {t.id, t.version};
+            tables[i * c.n_kv_heads + h] = layer_tables[h]->blocks;
+            versions[i * c.n_kv_heads + h] = {layer_tables[h]->id, layer_tables[h]->version};
           }
         }
         ap.layer = l;

@@ -278,7 +278,6 @@ class CudaBackend : public Backend {
   CudaGraphStats graph_stats() const {
     return {graphs_.captures(),
             graphs_.replays(),
-            graphs_.keys_without_graph(),
             graphs_.replay_host_seconds(),
             graphs_.replay_device_seconds(),
             graphs_.device_timed_replays(),

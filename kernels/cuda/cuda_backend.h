@@ -28,7 +28,6 @@ absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(int device,
 struct CudaGraphStats {
   int64_t captures = 0;
   int64_t replays = 0;
-  int64_t keys_without_graph = 0;  // batch sizes last measured faster without a graph
   // Of the replays: host time spent preparing them (staging inputs) and device time running them.
   double replay_host_seconds = 0;
   double replay_device_seconds = 0;

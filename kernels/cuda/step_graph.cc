@@ -108,7 +108,7 @@ absl::Status StepGraphs::Begin(int64_t key, cudaStream_t stream) {
   last_way_ = Timed::kDirect;
   if (!graph) return absl::OkStatus();
   last_way_ = Timed::kNone;  // a capture, unless a graph of the key exists after the growth below
-  begin_time_ = std::chrono::steady_clock::now();
+  begin_time_ = now;
   if (overflow_ || stage_cap_ == 0) {
     RETURN_IF_ERROR(
         Grow(std::max<int64_t>(want_stage_, 8 << 20), std::max<int64_t>(want_scratch_, 64 << 20)));
@@ -257,12 +257,6 @@ absl::Status StepGraphs::End(absl::FunctionRef<absl::Status()> before_launch) {
   ++captures_;
   RETURN_IF_ERROR(before_launch());
   return Check(cudaGraphLaunch(current_.exec, stream_), "launch");
-}
-
-int64_t StepGraphs::keys_without_graph() const {
-  int64_t n = 0;
-  for (const auto& [key, j] : judges_) n += !j.use_graph;
-  return n;
 }
 
 void StepGraphs::Cancel() {

@@ -74,8 +74,6 @@ class StepGraphs {
   void Reset() { DropAll(); }
 
   int64_t captures() const { return captures_; }
-  // Keys whose last measurement found launching without a graph faster.
-  int64_t keys_without_graph() const;
   int64_t replays() const { return replays_; }
   // Of the replayed steps: host time from Begin to the launch (the operations staging their
   // inputs) and device time of the graphs, measured with events (up to the last finished step).

@@ -5,8 +5,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <fstream>
+#include <numeric>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -42,5 +45,32 @@ struct DeviceBuffer {
     return e;
   }
 };
+
+// Block tables as the attention kernels take them: pair p's entries are
+// data[begin[p] .. begin[p] + len[p]).
+struct PackedTables {
+  std::vector<int64_t> begin;
+  std::vector<int32_t> len;
+  std::vector<int32_t> data;
+};
+
+// Moves every block of `tables` (logical ids 0, 1, ... ; -1 = none) to its own shuffled place
+// among `num_blocks` pool blocks, in place, and packs the tables.
+inline PackedTables ShuffleAndPack(std::vector<std::vector<int32_t>>& tables, int32_t num_blocks,
+                                   std::mt19937& rng) {
+  std::vector<int32_t> place(num_blocks);
+  std::iota(place.begin(), place.end(), 0);
+  std::shuffle(place.begin(), place.end(), rng);
+  PackedTables packed;
+  for (std::vector<int32_t>& table : tables) {
+    packed.begin.push_back(static_cast<int64_t>(packed.data.size()));
+    packed.len.push_back(static_cast<int32_t>(table.size()));
+    for (int32_t& id : table) {
+      if (id >= 0) id = place[id];
+      packed.data.push_back(id);
+    }
+  }
+  return packed;
+}
 
 }  // namespace moa::gpu_test

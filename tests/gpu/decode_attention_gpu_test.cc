@@ -107,19 +107,7 @@ void RunCase(const Case& c) {
     }
   }
   const int32_t num_blocks = used + used / 4 + 1;
-  std::vector<int32_t> place(num_blocks);
-  std::iota(place.begin(), place.end(), 0);
-  std::shuffle(place.begin(), place.end(), rng);
-  std::vector<int64_t> table_begin(n_pairs);
-  std::vector<int32_t> table_len(n_pairs), table_data;
-  for (int p = 0; p < n_pairs; ++p) {
-    table_begin[p] = static_cast<int64_t>(table_data.size());
-    table_len[p] = static_cast<int32_t>(tables[p].size());
-    for (int32_t& id : tables[p]) {
-      if (id >= 0) id = place[id];
-      table_data.push_back(id);
-    }
-  }
+  const gpu_test::PackedTables packed = gpu_test::ShuffleAndPack(tables, num_blocks, rng);
 
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<__half> pool(2 * static_cast<size_t>(num_blocks) * bs * hd);
@@ -177,9 +165,9 @@ void RunCase(const Case& c) {
   CUDA_OK(d_q.Upload(q));
   CUDA_OK(d_out.Upload(std::vector<float>(q.size(), NAN)));  // poison
   CUDA_OK(d_row.Upload(row_of));
-  CUDA_OK(d_begin.Upload(table_begin));
-  CUDA_OK(d_len.Upload(table_len));
-  CUDA_OK(d_data.Upload(table_data));
+  CUDA_OK(d_begin.Upload(packed.begin));
+  CUDA_OK(d_len.Upload(packed.len));
+  CUDA_OK(d_data.Upload(packed.data));
   CUDA_OK(d_sink.Upload(sink_end));
   CUDA_OK(d_win.Upload(win_begin));
   CUDA_OK(d_seq.Upload(seq_len));

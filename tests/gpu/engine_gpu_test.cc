@@ -25,6 +25,7 @@
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "tests/engine_run_all.h"
 #include "tests/gpu/cuda_test_util.h"
 
 namespace moa {
@@ -88,27 +89,8 @@ class MaxBatchObserver : public EngineObserver {
   int max_seqs_ = 0;
 };
 
-// All requests submitted at once, then all awaited. The first request's first chunk holds the
-// engine thread until all are submitted, so all of them run together from the second step.
 std::vector<Output> RunAll(Engine& e, const std::vector<GenerationRequest>& reqs) {
-  std::vector<std::unique_ptr<Collector>> cs;
-  absl::Notification all_submitted;
-  for (const GenerationRequest& r : reqs) {
-    cs.push_back(std::make_unique<Collector>());
-    Engine::ChunkCallback cb = cs.back()->Callback();
-    if (cs.size() == 1) {
-      cb = [cb, &all_submitted](const GenerationChunk& c) {
-        all_submitted.WaitForNotification();
-        cb(c);
-      };
-    }
-    absl::StatusOr<int64_t> id = e.Submit(r, cb);
-    EXPECT_TRUE(id.ok()) << id.status();
-  }
-  all_submitted.Notify();
-  std::vector<Output> out;
-  for (auto& c : cs) out.push_back(c->Wait());
-  return out;
+  return testing::RunAll<Collector>(e, reqs);
 }
 
 // 16 greedy requests with prompts of 1 to 90 random tokens, alone and then all at once.

@@ -111,19 +111,7 @@ void RunCase(const Case& c) {
     }
   }
   const int32_t num_blocks = used + used / 4 + 1;
-  std::vector<int32_t> place(num_blocks);
-  std::iota(place.begin(), place.end(), 0);
-  std::shuffle(place.begin(), place.end(), rng);
-  std::vector<int64_t> table_begin(n_pairs);
-  std::vector<int32_t> table_len(n_pairs), table_data;
-  for (int p = 0; p < n_pairs; ++p) {
-    table_begin[p] = static_cast<int64_t>(table_data.size());
-    table_len[p] = static_cast<int32_t>(tables[p].size());
-    for (int32_t& id : tables[p]) {
-      if (id >= 0) id = place[id];
-      table_data.push_back(id);
-    }
-  }
+  const gpu_test::PackedTables packed = gpu_test::ShuffleAndPack(tables, num_blocks, rng);
 
   // Pool: unit normals for keys some new row sees, NaN everywhere else.
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -191,9 +179,9 @@ void RunCase(const Case& c) {
   CUDA_OK(d_pool.Upload(pool));
   CUDA_OK(d_q.Upload(q));
   CUDA_OK(d_out.Upload(std::vector<float>(q.size(), NAN)));  // poison
-  CUDA_OK(d_begin.Upload(table_begin));
-  CUDA_OK(d_len.Upload(table_len));
-  CUDA_OK(d_data.Upload(table_data));
+  CUDA_OK(d_begin.Upload(packed.begin));
+  CUDA_OK(d_len.Upload(packed.len));
+  CUDA_OK(d_data.Upload(packed.data));
   CUDA_OK(d_q_row.Upload(q_row));
   CUDA_OK(d_n_new.Upload(n_new));
   CUDA_OK(d_past.Upload(past));
