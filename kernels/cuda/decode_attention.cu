@@ -1,7 +1,7 @@
 // Split-KV decode attention (see decode_attention.h), one kernel per step:
-//   plan:  every block scans the pairs' visible lengths into a prefix sum in shared memory (a
-//          few thousand integers, cheaper than a separate launch) and takes the key range
-//          [b * per_block, (b + 1) * per_block) of all pairs' keys laid end to end;
+//   plan:  every block sums the pairs' visible lengths (a scan over its threads, cheaper than a
+//          separate launch), takes the key range [b * per_block, (b + 1) * per_block) of all
+//          pairs' keys laid end to end, and finds the pair that holds its first key;
 //   split: for each pair its range touches, the block's warps stream the keys and values once for
 //          all query heads of the GQA group, an online softmax in base 2, on CUDA cores
 //          (ScalarSplit) or tensor cores (TensorSplit); the warps' states are combined in shared
@@ -29,10 +29,9 @@ constexpr float kLog2e = 1.4426950408889634f;
 // Tensor cores: a warp's tile is 16 consecutive key positions (the k of mma m16n8k16); each
 // stage of its cp.async pipeline holds one tile's keys and values (4 KB + 4 KB at head_dim 128).
 constexpr int kTile = 16;
-// Measured on an H100 (docs/benchmarks-gpu-decode-attention.md): at batch 8-64, 3 stages (2
-// blocks per SM) are within 3% of 2 (3 blocks), unless the pairs' prefix sums leave room for only
-// one 3-stage block (MHA batch 64: 7% slower), and 4 stages (1 block) are 1-15% slower; at batch
-// 1, 3 stages are 11% faster than 2.
+// Measured on an H100 and an H200 (docs/benchmarks-gpu-decode-attention.md): at batch 8-64, 3
+// stages (2 blocks per SM) are within 3% of 2 (3 blocks), and 4 stages (1 block) are 1-37%
+// slower; at batch 1, 3 stages are 11-19% faster than 2.
 constexpr int kDefaultStages = 3;
 constexpr int kMaxStages = 4;
 // From this group size on the tensor-core kernel is the default: 1.09-2.21x faster for group 4,
@@ -72,10 +71,10 @@ Workspace Carve(void* base, const DecodeAttentionConfig& c, int64_t* bytes) {
   return w;
 }
 
-// Shared memory: [split area][warps' max: kWarps x group][warps' sum: kWarps x group][the pairs'
-// prefix sums, max_pairs + 1 as 64-bit]. The split area holds the warps' outputs
-// [kWarps][group][head_dim] (CUDA cores), or each warp's cp.async stages followed by all warps'
-// key masks [kWarps][stages][32] (tensor cores; a warp's output then reuses its own stages).
+// Shared memory: [split area][warps' max: kWarps x group][warps' sum: kWarps x group], nothing
+// per pair (so the blocks per SM do not depend on the batch). The split area holds the warps'
+// outputs [kWarps][group][head_dim] (CUDA cores), or each warp's cp.async stages followed by all
+// warps' key masks [kWarps][stages][32] (tensor cores; a warp's output then reuses its own stages).
 // The kernel starts it on a kSharedAlign boundary: dynamic shared memory begins after the static
 // variables (144 bytes for group 4, so only 16-byte aligned), and cp.async reads each 32-byte
 // global sector from L2 once only if it lands in one aligned 32-byte piece of shared memory (else
@@ -89,9 +88,8 @@ __host__ __device__ constexpr int64_t SplitAreaBytes(int hd, int group, bool tc,
 
 __host__ __device__ constexpr int64_t StateBytes(int group) { return AlignUp(4 * kWarps * group); }
 
-int64_t SharedBytes(int hd, int group, bool tc, int stages, int max_pairs) {
-  return kSharedAlign + SplitAreaBytes(hd, group, tc, stages) + 2 * StateBytes(group) +
-         int64_t{8} * (max_pairs + 1);
+int64_t SharedBytes(int hd, int group, bool tc, int stages) {
+  return kSharedAlign + SplitAreaBytes(hd, group, tc, stages) + 2 * StateBytes(group);
 }
 
 struct Range {
@@ -712,65 +710,61 @@ __global__ void __launch_bounds__(kThreads)
   st.o_stride = kTensor ? static_cast<int>(stages * TensorStageBytes(HD) / 4) : G * HD;
   st.m = reinterpret_cast<float*>(smem + split_bytes);
   st.l = reinterpret_cast<float*>(smem + split_bytes + StateBytes(G));
-  long long* prefix = reinterpret_cast<long long*>(smem + split_bytes + 2 * StateBytes(G));
   __shared__ long long warp_sums[kWarps];
+  __shared__ long long plan_first_start;
+  __shared__ int plan_first_pair;
 
   const int tid = static_cast<int>(threadIdx.x);
   const int n_pairs = a.n_seqs * a.n_kv_heads;
   const int64_t q_cols = static_cast<int64_t>(a.n_heads) * HD;
 
-  // Plan: prefix[p] = visible keys of the pairs before p.
-  {
-    const int per = (n_pairs + kThreads - 1) / kThreads;
-    const int lo = min(tid * per, n_pairs), hi = min(lo + per, n_pairs);
-    long long mine = 0;
-#pragma unroll 4
-    for (int p = lo; p < hi; ++p) {
-      prefix[p] = VisibleRange(a, p).n_keys;
-      mine += prefix[p];
-    }
-    long long total = 0;
-    long long run = BlockExclusiveScan(mine, warp_sums, &total);
-    for (int p = lo; p < hi; ++p) {
-      const long long n = prefix[p];
-      prefix[p] = run;
-      run += n;
-    }
-    if (tid == 0) prefix[n_pairs] = total;
-    __syncthreads();
-  }
-  const long long total = prefix[n_pairs];
+  // Plan. Thread tid sums the visible keys of its slice of pairs; a scan of those sums gives the
+  // total (so the block's range) and each slice's start, and the thread whose slice holds key
+  // `begin` finds the block's first pair. Nothing per pair is kept: shared memory, and so the
+  // blocks per SM, does not depend on the number of pairs.
+  const int per = (n_pairs + kThreads - 1) / kThreads;
+  const int lo = min(tid * per, n_pairs), hi = min(lo + per, n_pairs);
+  long long mine = 0;
+  for (int p = lo; p < hi; ++p) mine += VisibleRange(a, p).n_keys;
+  long long total = 0;
+  const long long start = BlockExclusiveScan(mine, warp_sums, &total);
   const long long per_block =
       max(static_cast<long long>(min_keys), (total + gridDim.x - 1) / gridDim.x);
+  const long long begin = static_cast<long long>(blockIdx.x) * per_block;
+  const long long end = min(total, begin + per_block);
+  if (start <= begin && begin < start + mine) {
+    long long p0 = start;
+    for (int p = lo; p < hi; ++p) {
+      const long long p1 = p0 + VisibleRange(a, p).n_keys;
+      if (begin < p1) {
+        plan_first_pair = p;
+        plan_first_start = p0;
+        break;
+      }
+      p0 = p1;
+    }
+  }
+  __syncthreads();
 
   // A pair without visible keys (only from inconsistent arguments) still gets an output.
   for (int p = blockIdx.x; p < n_pairs; p += gridDim.x) {
-    if (prefix[p + 1] != prefix[p]) continue;
+    if (VisibleRange(a, p).n_keys != 0) continue;
     const int s = p / a.n_kv_heads, h = p % a.n_kv_heads;
     const int64_t row = a.row != nullptr ? a.row[s] : s;
     for (int i = tid; i < G * HD; i += kThreads) a.out[row * q_cols + h * G * HD + i] = 0.0f;
   }
-
-  const long long begin = static_cast<long long>(blockIdx.x) * per_block;
-  const long long end = min(total, begin + per_block);
   if (begin >= end) return;
-  int first_pair = 0;  // the last pair starting at or before `begin`: it holds key `begin`
-  for (int hi = n_pairs - 1; first_pair < hi;) {
-    const int mid = (first_pair + hi + 1) / 2;
-    if (prefix[mid] <= begin) {
-      first_pair = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
 
-  for (int p = first_pair; p < n_pairs && prefix[p] < end; ++p) {
-    const long long p0 = prefix[p], p1 = prefix[p + 1];
+  long long p1 = plan_first_start;
+  for (int p = plan_first_pair; p < n_pairs && p1 < end; ++p) {
+    const long long p0 = p1;
+    const Range r = VisibleRange(a, p);
+    p1 = p0 + r.n_keys;
     if (p1 == p0) continue;
     const int s = p / a.n_kv_heads, h = p % a.n_kv_heads;
     const int64_t row = a.row != nullptr ? a.row[s] : s;
     PairPart part;
-    part.r = VisibleRange(a, p);
+    part.r = r;
     part.k0 = static_cast<int>(max(begin, p0) - p0);
     part.k1 = static_cast<int>(min(end, p1) - p0);
     part.t_begin = a.table_begin[p];
@@ -843,7 +837,7 @@ cudaError_t GetDecodeAttentionConfig(int head_dim, int group, int max_pairs,
     e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   }
   if (e != cudaSuccess) return e;
-  const int64_t shared = SharedBytes(head_dim, group, tensor, stages, max_pairs);
+  const int64_t shared = SharedBytes(head_dim, group, tensor, stages);
   if (shared > optin) return cudaErrorInvalidValue;
   e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(shared));
