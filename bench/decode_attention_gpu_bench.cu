@@ -9,12 +9,16 @@
 // outputs agree; then summaries, a sweep of the tensor kernel's pipeline depth, and a sweep of the
 // minimum keys per block at batch 1. Runs on the GPU machine only.
 // Usage: moa_gpu_bench [--quick] [--general] [--read] [--only SPEC[,SPEC...]]
-//                      [--variant cuda|tensor] [--stages N] [--runs N]
+//                      [--variant cuda|tensor] [--stages N] [--runs N] [--timing queued|idle]
+//                      [--spread GB]
 //   --quick: batch 1 and 8, 4k and 8k only; --read: also a plain read of the same pool blocks;
 //   --only: just these rows of the table and no sweeps, SPEC = model/batch/len/plan (model mha or
 //   gqa, plan dense, w50, w25 or mixed, any field *), e.g. for the profiler; --variant: time one
 //   variant only; --stages: the tensor kernel's pipeline depth in the table; --runs: timed runs
-//   per row (the median is shown; 15 by default).
+//   per row (the median is shown; 15 by default); --timing: whether the device is busy (queued,
+//   the default) or idle (idle) when a timed launch is made (see LaunchTiming); --spread: place
+//   the blocks at random in a pool of at least GB gigabytes (the engine's pool fills the GPU)
+//   instead of one just large enough, to see what the larger address range costs.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -49,6 +53,7 @@ int g_runs = 15;
 // --read: also time a plain read of the same pool blocks (no attention work): what the device
 // gives for this access pattern (random blocks of 4 KB of keys and 4 KB of values).
 bool g_read = false;
+double g_spread_bytes = 0;  // --spread
 // The variants' outputs must agree to this (relative to the largest output): both are fp32-level.
 constexpr double kAgree = 1e-3;
 
@@ -125,22 +130,54 @@ double Median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-// Median seconds of `fn` enqueued on the default stream, after warm-up.
+// How a launch is timed. Before every run (warm-up included) a read of four times the L2 size
+// evicts the pool from the L2, as the other kernels of a decode step do between two layers'
+// attention (a read, not a memset: dirty lines left in the L2 would be written back during the
+// timed kernel and cost it ~20 us). kQueued (the default): the start event and the launch are
+// enqueued while that memset still runs, so the time is the device's alone, as in the engine's
+// CUDA-graph replays. kIdle: the device is idle when the start event is recorded, so the time
+// includes the host's launch call (what one launch outside a graph costs).
+enum class LaunchTiming { kQueued, kIdle };
+LaunchTiming g_launch_timing = LaunchTiming::kQueued;
+uint4* g_flush = nullptr;
+size_t g_flush_bytes = 0;
+int* g_flush_sink = nullptr;
+
+// Reads `n` 16-byte words; the sum goes to *sink only if it is a value no fill can give, so the
+// loads cannot be dropped and nothing is written.
+__global__ void ReadToFlushL2(const uint4* p, size_t n, int* sink) {
+  unsigned x = 0;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const uint4 v = p[i];
+    x ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (x == 0x9e3779b9u) *sink = 1;
+}
+
+void FlushL2() {
+  ReadToFlushL2<<<1024, 256>>>(g_flush, g_flush_bytes / sizeof(uint4), g_flush_sink);
+  CHECK_CUDA(cudaGetLastError());
+}
+
+// Median seconds of `fn` enqueued on the default stream, after warm-up, timed as g_launch_timing
+// says.
 template <typename Fn>
 double TimeIt(Fn fn) {
   cudaEvent_t start, stop;
   CHECK_CUDA(cudaEventCreate(&start));
   CHECK_CUDA(cudaEventCreate(&stop));
-  for (int i = 0; i < kWarmup; ++i) fn();
   std::vector<double> t;
-  for (int i = 0; i < g_runs; ++i) {
+  for (int i = 0; i < kWarmup + g_runs; ++i) {
+    FlushL2();
+    if (g_launch_timing == LaunchTiming::kIdle) CHECK_CUDA(cudaDeviceSynchronize());
     CHECK_CUDA(cudaEventRecord(start));
     fn();
     CHECK_CUDA(cudaEventRecord(stop));
     CHECK_CUDA(cudaEventSynchronize(stop));
     float ms = 0.0f;
     CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    t.push_back(ms * 1e-3);
+    if (i >= kWarmup) t.push_back(ms * 1e-3);
   }
   CHECK_CUDA(cudaEventDestroy(start));
   CHECK_CUDA(cudaEventDestroy(stop));
@@ -249,15 +286,19 @@ Result RunConfig(const Model& m, int batch, int len, Plan plan, double copy_bw, 
       if (first < sink_end[p] || last >= win_begin[p]) tables[p][b] = static_cast<int32_t>(used++);
     }
   }
-  const double pool_bytes = static_cast<double>(used) * kBlockSize * kHeadDim * sizeof(__half) * 2;
+  const double block_bytes = static_cast<double>(kBlockSize) * kHeadDim * sizeof(__half) * 2;
+  // The pool's blocks: those used, or with --spread as many as fill g_spread_bytes.
+  const int64_t pool_blocks = std::max(used, static_cast<int64_t>(g_spread_bytes / block_bytes));
+  const double pool_bytes = static_cast<double>(pool_blocks) * block_bytes;
   const double kv_bytes = static_cast<double>(visible) * kHeadDim * sizeof(__half) * 2;
   std::printf("| %-10s | %5d | %6d | %-10s | %9.0f |", m.name, batch, len, PlanName(plan),
               kv_bytes / 1e6);
-  if (pool_bytes > kMaxPoolBytes || used > INT32_MAX) {
-    std::printf(" skipped: pool %.1f GB > 40 GB |\n", pool_bytes / 1e9);
+  if (pool_bytes > std::max(kMaxPoolBytes, g_spread_bytes) || pool_blocks > INT32_MAX) {
+    std::printf(" skipped: pool %.1f GB > %.0f GB |\n", pool_bytes / 1e9,
+                std::max(kMaxPoolBytes, g_spread_bytes) / 1e9);
     return res;
   }
-  std::vector<int32_t> place(used);
+  std::vector<int32_t> place(pool_blocks);
   std::iota(place.begin(), place.end(), 0);
   std::shuffle(place.begin(), place.end(), rng);
   std::vector<int64_t> table_begin(n_pairs);
@@ -291,7 +332,7 @@ Result RunConfig(const Model& m, int batch, int len, Plan plan, double copy_bw, 
   DeviceSpanRule* d_rules = Upload(rules);
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(kHeadDim));
-  const DevicePool dpool{pool, static_cast<int32_t>(used), kBlockSize, kHeadDim};
+  const DevicePool dpool{pool, static_cast<int32_t>(pool_blocks), kBlockSize, kHeadDim};
   const moa::cuda::DecodeAttentionArgs args{q,      out,     batch,   m.n_heads, m.n_kv_heads,
                                             scale,  nullptr, d_begin, d_len,     d_data,
                                             d_sink, d_win,   d_seq,   nullptr,   0};
@@ -328,13 +369,13 @@ Result RunConfig(const Model& m, int batch, int len, Plan plan, double copy_bw, 
     int per_sm = 0, sms = 0;
     CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ReadBlocks, 256, 0));
     CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    const int64_t value_offset = static_cast<int64_t>(used) * kBlockSize * kHeadDim;
+    const int64_t value_offset = pool_blocks * kBlockSize * kHeadDim;
     const double t = TimeIt([&] {
       ReadBlocks<<<sms * per_sm, 256>>>(pool, d_ids, static_cast<int64_t>(ids.size()), value_offset,
                                         d_sink);
       CHECK_CUDA(cudaGetLastError());
     });
-    std::printf(" read %9.1f | %5.1f%% |", t * 1e6, 100.0 * pool_bytes / t / copy_bw);
+    std::printf(" read %9.1f | %5.1f%% |", t * 1e6, 100.0 * used * block_bytes / t / copy_bw);
     CHECK_CUDA(cudaFree(d_ids));
     CHECK_CUDA(cudaFree(d_sink));
   }
@@ -487,27 +528,45 @@ int main(int argc, char** argv) {
       stages = std::atoi(argv[++i]);
     } else if (std::strcmp(argv[i], "--runs") == 0 && has_value && std::atoi(argv[i + 1]) > 0) {
       g_runs = std::atoi(argv[++i]);
+    } else if (std::strcmp(argv[i], "--spread") == 0 && has_value && std::atof(argv[i + 1]) > 0) {
+      g_spread_bytes = std::atof(argv[++i]) * 1e9;
+    } else if (std::strcmp(argv[i], "--timing") == 0 && has_value &&
+               (std::strcmp(argv[i + 1], "queued") == 0 || std::strcmp(argv[i + 1], "idle") == 0)) {
+      g_launch_timing =
+          std::strcmp(argv[++i], "idle") == 0 ? LaunchTiming::kIdle : LaunchTiming::kQueued;
     } else {
       std::fprintf(stderr,
                    "usage: %s [--quick] [--general] [--read] [--only SPEC[,SPEC...]] [--variant "
-                   "cuda|tensor] [--stages N] [--runs N]\n",
+                   "cuda|tensor] [--stages N] [--runs N] [--timing queued|idle] [--spread GB]\n",
                    argv[0]);
       return 2;
     }
   }
   cudaDeviceProp prop;
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  g_flush_bytes = 4 * static_cast<size_t>(prop.l2CacheSize);
+  CHECK_CUDA(cudaMalloc(&g_flush, g_flush_bytes));
+  CHECK_CUDA(cudaMemset(g_flush, 0, g_flush_bytes));
+  CHECK_CUDA(cudaMalloc(&g_flush_sink, sizeof(int)));
   const double copy_bw = CopyBandwidth();
   std::printf("device: %s, %d SMs; copy bandwidth (read + written, median of %d): %.0f GB/s\n",
               prop.name, prop.multiProcessorCount, g_runs, copy_bw / 1e9);
   std::printf(
       "decode attention, one layer, head_dim %d, fp16 KV in blocks of %d positions (random "
       "placement, random values), sink %d;\nKV MB = key and value bytes of the visible keys; "
-      "time = median of %d after %d warm-up runs; CUDA cores = the first kernel, tensor cores = "
+      "time = median of %d after %d warm-up runs, the L2 flushed before each, %s; CUDA cores = the "
+      "first kernel, tensor cores = "
       "mma.sync tiles (default pipeline depth);\ndiff = max |tensor - CUDA cores| / max |output|"
       "%s\n\n",
       kHeadDim, kBlockSize, kSink, g_runs, kWarmup,
+      g_launch_timing == LaunchTiming::kQueued
+          ? "launch queued behind the flush (device time only, as in a graph replay)"
+          : "launch on an idle device (includes the host's launch call)",
       general ? "; general = the backend's one block per (row, KV head) kernel" : "");
+  if (g_spread_bytes > 0) {
+    std::printf("blocks placed at random in a pool of at least %.0f GB (--spread)\n\n",
+                g_spread_bytes / 1e9);
+  }
   const bool one_variant = variant != "both";
   std::printf("| model      | batch | KV len | plan       |     KV MB |%s%s\n",
               one_variant
