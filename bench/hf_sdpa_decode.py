@@ -8,10 +8,13 @@ Builds the model on the GPU from a LlamaConfig (random init, no checkpoint), and
 length prefills a batch of random prompts in chunks through a DynamicCache, then times decode
 steps (one token per sequence, greedy on the logits) after warm-up, with torch.cuda.synchronize
 around each step. --batch auto takes the largest batch whose fp16 KV cache fits the free memory
-after the model is built. Prints one JSON line per prompt length on stdout; progress on stderr.
+after the model is built, cut by a quarter until a run fits (HF's activations and the copies
+DynamicCache makes as it grows are not in the estimate).
+Prints one JSON line per prompt length on stdout; progress on stderr.
 """
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -46,23 +49,30 @@ def make_config(args):
     return name, cfg
 
 
-def run_prompt(model, cfg, name, prompt, args):
-    """Prefill a batch of `prompt` random tokens, then time decode steps; returns a result dict."""
+def first_batch(cfg, name, prompt, args):
+    """The batch to try first: --batch, or with auto the most sequences whose fp16 KV cache fits
+    the free memory less --headroom-gib."""
     import torch
-    from transformers import DynamicCache
 
+    if args.batch != "auto":
+        return int(args.batch)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     total = prompt + args.warmup + args.steps
     kv_per_seq = 2 * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * total
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info()
-    if args.batch == "auto":
-        batch = int((free - args.headroom_gib * 2**30) // kv_per_seq)
-        batch = max(0, min(batch, args.max_batch))
-    else:
-        batch = int(args.batch)
+    batch = int((free - args.headroom_gib * 2**30) // kv_per_seq)
     log(f"[hf {name} {prompt}] {free / 2**30:.1f} GiB free, {kv_per_seq / 2**30:.2f} GiB KV per "
         f"sequence: batch {batch}")
+    return max(0, min(batch, args.max_batch))
+
+
+def run_prompt(model, cfg, name, prompt, batch, args):
+    """Prefill `batch` random prompts of `prompt` tokens, then time decode steps; returns a result
+    dict."""
+    import torch
+    from transformers import DynamicCache
+
     result = {"engine": "hf-sdpa", "shape": name, "prompt": prompt, "batch": batch,
               "steps": args.steps, "torch": torch.__version__}
     if batch < 1:
@@ -138,11 +148,32 @@ def main():
     build_s = time.perf_counter() - t0
     log(f"[hf {name}] model built on the GPU in {build_s:.1f} s")
     for prompt in [int(x) for x in args.prompts.split(",") if x]:
-        try:
-            result = run_prompt(model, cfg, name, prompt, args)
-        except torch.OutOfMemoryError as e:
-            result = {"engine": "hf-sdpa", "shape": name, "prompt": prompt,
-                      "error": f"out of memory: {str(e).splitlines()[0]}"}
+        # The KV estimate leaves out HF's activations and the copies DynamicCache makes as it
+        # grows (Llama-3-8B at batch 230 ran out of memory on a 5 GiB allocation on an H200): on
+        # running out of memory, try again with a quarter fewer sequences (each try costs a
+        # prefill), and say so in the result.
+        batch = first_batch(cfg, name, prompt, args)
+        oom_batches = []
+        while True:
+            error = None
+            try:
+                result = run_prompt(model, cfg, name, prompt, batch, args)
+            except torch.OutOfMemoryError as e:
+                error = f"out of memory: {str(e).splitlines()[0]}"
+            if error is None:
+                break
+            # Outside the except block, so that the failed step's tensors are free to go.
+            gc.collect()
+            torch.cuda.empty_cache()
+            oom_batches.append(batch)
+            log(f"[hf {name} {prompt}] batch {batch}: {error}")
+            batch = batch * 3 // 4
+            if batch < 1:
+                result = {"engine": "hf-sdpa", "shape": name, "prompt": prompt, "error": error}
+                break
+            log(f"[hf {name} {prompt}] trying batch {batch}")
+        if oom_batches:
+            result["out_of_memory_at_batch"] = oom_batches
         result["build_s"] = build_s
         print(json.dumps(result), flush=True)
     return 0

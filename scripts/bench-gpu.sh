@@ -7,8 +7,9 @@
 # HF transformers SDPA on the same shapes and prompts (bench/hf_sdpa_decode.py). Full logs and
 # JSON go to LOGDIR; the joint table (ours, roofline, HF, ours/HF) is printed last.
 # Environment: SHAPES (llama2-7b,llama3-8b), PROMPTS (4096,8192,16384), STEPS (32),
-# MAX_BATCH (64), FILL (moa_bench_gpu --fill: random, the default, or prefill), HF (1; 0 skips
-# transformers), ATTN_BENCH (1; 0 skips moa_gpu_bench).
+# MAX_BATCH (256), FILL (moa_bench_gpu --fill: random, the default, or prefill), HF (1; 0 skips
+# transformers), HF_TIMEOUT (seconds per shape for transformers; 0, the default, is no limit: the
+# prompts finished by then are kept), ATTN_BENCH (1; 0 skips moa_gpu_bench).
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LOGDIR=${1:?usage: bench-gpu.sh LOGDIR [moa_bench_gpu flags]}
@@ -17,7 +18,7 @@ mkdir -p "$LOGDIR"
 SHAPES=${SHAPES:-llama2-7b,llama3-8b}
 PROMPTS=${PROMPTS:-4096,8192,16384}
 STEPS=${STEPS:-32}
-MAX_BATCH=${MAX_BATCH:-64}
+MAX_BATCH=${MAX_BATCH:-256}
 FILL=${FILL:-random}
 if ! command -v moa_bench_gpu >/dev/null; then
   echo "bench-gpu: moa_bench_gpu is not on PATH (source the packed folder's env.sh)" >&2
@@ -46,7 +47,9 @@ timed moa_bench_gpu moa_bench_gpu --shapes "$SHAPES" --prompts "$PROMPTS" --step
 : >"$LOGDIR/hf.jsonl"
 if [[ ${HF:-1} == 1 ]]; then
   for shape in ${SHAPES//,/ }; do
-    timed "hf_$shape" env PYTHONUNBUFFERED=1 python3 "$ROOT/bench/hf_sdpa_decode.py" \
+    # Not PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: it made HF's 7B decode 1.6-2x slower
+    # on an H200 (docs/benchmarks-gpu-e2e.md).
+    timed "hf_$shape" env PYTHONUNBUFFERED=1 timeout "${HF_TIMEOUT:-0}" python3 "$ROOT/bench/hf_sdpa_decode.py" \
       --shape "$shape" --prompts "$PROMPTS" --steps "$STEPS" --max-batch "$MAX_BATCH" \
       >>"$LOGDIR/hf.jsonl" 2> >(tee -a "$LOGDIR/hf.stderr" >&2)
   done
@@ -104,6 +107,9 @@ for r in rows:
 for key, h in sorted(hf.items()):
     if "error" in h:
         print(f"HF {key[0]} {key[1]}: {h['error']}")
+    elif h.get("out_of_memory_at_batch"):
+        print(f"HF {key[0]} {key[1]}: out of memory at batch "
+              f"{', '.join(map(str, h['out_of_memory_at_batch']))}; ran at batch {h['batch']}")
 print()
 print("== targets (issue 4, item 7)")
 for r in rows:
