@@ -30,8 +30,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 // stage of its cp.async pipeline holds one tile's keys and values (4 KB + 4 KB at head_dim 128).
 constexpr int kTile = 16;
 // Measured on an H100 and an H200 (docs/benchmarks-gpu-decode-attention.md): at batch 8-64, 3
-// stages (2 blocks per SM) are within 3% of 2 (3 blocks), and 4 stages (1 block) are 1-37%
-// slower; at batch 1, 3 stages are 11-19% faster than 2.
+// stages (2 blocks per SM) are within 3% of 2 (3 blocks), and 4 stages (1 block) take up to
+// 1.5x as long; at batch 1, 3 stages are 4-19% faster than 2.
 constexpr int kDefaultStages = 3;
 constexpr int kMaxStages = 4;
 // From this group size on the tensor-core kernel is the default: 1.09-2.21x faster for group 4,
@@ -681,19 +681,29 @@ __device__ void FinishPair(const WarpStates& st, const Workspace& w, float* orow
     merge_l[tid] = sum;
   }
   __syncthreads();
-  for (int i = tid; i < G * HD; i += kThreads) {
-    const int g = i / HD;
+  // Four outputs per 16-byte load and eight parts' loads in flight: this loop is a chain of L2
+  // round trips, and one output and four parts at a time made it 36 of them for a GQA group of 4
+  // split 33 ways (batch 1), about 15 us of a 50 us launch.
+  static_assert(HD % 4 == 0, "the merge reads four outputs at a time");
+  const float4* o_part = reinterpret_cast<const float4*>(w.o_part);
+  for (int i4 = tid; i4 < G * HD / 4; i4 += kThreads) {
+    const int g = 4 * i4 / HD;
     const float mx = merge_m[g];
-    float o = 0.0f;
+    float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (mx != -INFINITY) {
-#pragma unroll 4
+#pragma unroll 8
       for (int c = 0; c < n_parts; ++c) {
         const float mc = __ldcg(w.m_part + (s0 + c) * G + g);
         const float f = mc == -INFINITY ? 0.0f : exp2f(mc - mx);
-        o = fmaf(__ldcg(w.o_part + (s0 + c) * G * HD + i), f, o);
+        const float4 v = __ldcg(o_part + (s0 + c) * (G * HD / 4) + i4);
+        o = make_float4(fmaf(v.x, f, o.x), fmaf(v.y, f, o.y), fmaf(v.z, f, o.z), fmaf(v.w, f, o.w));
       }
     }
-    orow[i] = merge_l[g] > 0.0f ? o / merge_l[g] : 0.0f;
+    const float l = merge_l[g];
+    orow[4 * i4] = l > 0.0f ? o.x / l : 0.0f;
+    orow[4 * i4 + 1] = l > 0.0f ? o.y / l : 0.0f;
+    orow[4 * i4 + 2] = l > 0.0f ? o.z / l : 0.0f;
+    orow[4 * i4 + 3] = l > 0.0f ? o.w / l : 0.0f;
   }
   if (tid == 0) w.count[p] = 0;  // ready for the next launch
 }
