@@ -383,6 +383,9 @@ TEST(GgufMalformed, MetadataProblems) {
   EXPECT_ERROR(parse(GgufWriter().Kv("a", t::kTArray, Le<uint32_t>(99) + Le<uint64_t>(0))),
                "unknown array element type 99");
   EXPECT_ERROR(parse(GgufWriter().Kv("b", t::kTBool, Le<uint8_t>(2))), "bool value 2");
+  // Found by the fuzzer: an array of bools was accepted whole, and decoding it then failed.
+  EXPECT_ERROR(parse(GgufWriter().Array<uint8_t>("bools", t::kTBool, {1, 0, 5})),
+               "metadata 'bools': bool array element 2 is 5, neither 0 nor 1");
   EXPECT_ERROR(parse(GgufWriter().U32("k", 1).U32("k", 2)), "duplicate metadata key 'k'");
   // Arrays nested 20 deep.
   std::string nested = Le<uint32_t>(t::kTI8) + Le<uint64_t>(0);

@@ -234,6 +234,16 @@ class Reader {
     const uint64_t start = pos_;
     if (const uint64_t fixed = FixedSize(v.elem_type); fixed != 0) {
       pos_ += v.count * fixed;  // fits: checked above
+      // Of the fixed-size types only bool has invalid encodings; refuse them here, as for a
+      // single bool, so that decoding a parsed array never fails.
+      if (v.elem_type == GgufType::kBool) {
+        for (uint64_t k = start; k < pos_; ++k) {
+          if (base_[k] > 1) {
+            return absl::InvalidArgumentError(absl::StrCat(what, ": bool array element ", k - start,
+                                                           " is ", base_[k], ", neither 0 nor 1"));
+          }
+        }
+      }
     } else {
       for (uint64_t k = 0; k < v.count; ++k) {
         absl::StatusOr<GgufValue> e = Value(v.elem_type, what, depth + 1);
