@@ -155,13 +155,11 @@ def main():
         batch = first_batch(cfg, name, prompt, args)
         oom_batches = []
         while True:
-            error = None
             try:
                 result = run_prompt(model, cfg, name, prompt, batch, args)
+                break
             except torch.OutOfMemoryError as e:
                 error = f"out of memory: {str(e).splitlines()[0]}"
-            if error is None:
-                break
             # Outside the except block, so that the failed step's tensors are free to go.
             gc.collect()
             torch.cuda.empty_cache()

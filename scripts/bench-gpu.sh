@@ -47,7 +47,7 @@ timed moa_bench_gpu moa_bench_gpu --shapes "$SHAPES" --prompts "$PROMPTS" --step
 : >"$LOGDIR/hf.jsonl"
 if [[ ${HF:-1} == 1 ]]; then
   for shape in ${SHAPES//,/ }; do
-    # Not PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: it made HF's 7B decode 1.6-2x slower
+    # Not PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: it made HF's 7B decode 1.6-2.1x slower
     # on an H200 (docs/benchmarks-gpu-e2e.md).
     timed "hf_$shape" env PYTHONUNBUFFERED=1 timeout "${HF_TIMEOUT:-0}" python3 "$ROOT/bench/hf_sdpa_decode.py" \
       --shape "$shape" --prompts "$PROMPTS" --steps "$STEPS" --max-batch "$MAX_BATCH" \

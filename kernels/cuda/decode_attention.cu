@@ -700,10 +700,11 @@ __device__ void FinishPair(const WarpStates& st, const Workspace& w, float* orow
       }
     }
     const float l = merge_l[g];
-    orow[4 * i4] = l > 0.0f ? o.x / l : 0.0f;
-    orow[4 * i4 + 1] = l > 0.0f ? o.y / l : 0.0f;
-    orow[4 * i4 + 2] = l > 0.0f ? o.z / l : 0.0f;
-    orow[4 * i4 + 3] = l > 0.0f ? o.w / l : 0.0f;
+    const auto norm = [l](float x) { return l > 0.0f ? x / l : 0.0f; };
+    orow[4 * i4] = norm(o.x);
+    orow[4 * i4 + 1] = norm(o.y);
+    orow[4 * i4 + 2] = norm(o.z);
+    orow[4 * i4 + 3] = norm(o.w);
   }
   if (tid == 0) w.count[p] = 0;  // ready for the next launch
 }
@@ -726,7 +727,12 @@ __global__ void __launch_bounds__(kThreads)
 
   const int tid = static_cast<int>(threadIdx.x);
   const int n_pairs = a.n_seqs * a.n_kv_heads;
-  const int64_t q_cols = static_cast<int64_t>(a.n_heads) * HD;
+  // Offset of pair p's G x HD query (and output) values in a.q (a.out).
+  const auto pair_offset = [&](int p) -> int64_t {
+    const int s = p / a.n_kv_heads, h = p % a.n_kv_heads;
+    const int64_t row = a.row != nullptr ? a.row[s] : s;
+    return row * a.n_heads * HD + static_cast<int64_t>(h) * G * HD;
+  };
 
   // Plan. Thread tid sums the visible keys of its slice of pairs; a scan of those sums gives the
   // total (so the block's range) and each slice's start, and the thread whose slice holds key
@@ -735,7 +741,16 @@ __global__ void __launch_bounds__(kThreads)
   const int per = (n_pairs + kThreads - 1) / kThreads;
   const int lo = min(tid * per, n_pairs), hi = min(lo + per, n_pairs);
   long long mine = 0;
-  for (int p = lo; p < hi; ++p) mine += VisibleRange(a, p).n_keys;
+  for (int p = lo; p < hi; ++p) {
+    const int n = VisibleRange(a, p).n_keys;
+    mine += n;
+    // A pair without visible keys (only from inconsistent arguments) still gets an output,
+    // written by one block.
+    if (n == 0 && p % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x)) {
+      float* out = a.out + pair_offset(p);
+      for (int i = 0; i < G * HD; ++i) out[i] = 0.0f;
+    }
+  }
   long long total = 0;
   const long long start = BlockExclusiveScan(mine, warp_sums, &total);
   const long long per_block =
@@ -755,14 +770,6 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   __syncthreads();
-
-  // A pair without visible keys (only from inconsistent arguments) still gets an output.
-  for (int p = blockIdx.x; p < n_pairs; p += gridDim.x) {
-    if (VisibleRange(a, p).n_keys != 0) continue;
-    const int s = p / a.n_kv_heads, h = p % a.n_kv_heads;
-    const int64_t row = a.row != nullptr ? a.row[s] : s;
-    for (int i = tid; i < G * HD; i += kThreads) a.out[row * q_cols + h * G * HD + i] = 0.0f;
-  }
   if (begin >= end) return;
 
   long long p1 = plan_first_start;
@@ -771,15 +778,13 @@ __global__ void __launch_bounds__(kThreads)
     const Range r = VisibleRange(a, p);
     p1 = p0 + r.n_keys;
     if (p1 == p0) continue;
-    const int s = p / a.n_kv_heads, h = p % a.n_kv_heads;
-    const int64_t row = a.row != nullptr ? a.row[s] : s;
     PairPart part;
     part.r = r;
     part.k0 = static_cast<int>(max(begin, p0) - p0);
     part.k1 = static_cast<int>(min(end, p1) - p0);
     part.t_begin = a.table_begin[p];
     part.t_len = a.table_len[p];
-    part.q = a.q + row * q_cols + static_cast<int64_t>(h) * G * HD;
+    part.q = a.q + pair_offset(p);
     if constexpr (kTensor) {
       TensorSplit<HD, G>(a, pool, part, st, stages, reinterpret_cast<uint4*>(smem),
                          reinterpret_cast<int*>(smem + kWarps * stages * TensorStageBytes(HD)));
@@ -789,8 +794,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     const int first_block = static_cast<int>(p0 / per_block);
     const int n_parts = static_cast<int>((p1 - 1) / per_block) - first_block + 1;
-    FinishPair<HD, G>(st, w, a.out + row * q_cols + static_cast<int64_t>(h) * G * HD, p,
-                      static_cast<int>(blockIdx.x) + p, first_block, n_parts);
+    FinishPair<HD, G>(st, w, a.out + pair_offset(p), p, static_cast<int>(blockIdx.x) + p,
+                      first_block, n_parts);
     __syncthreads();  // the split area, the states and FinishPair's shared are reused
   }
 }
