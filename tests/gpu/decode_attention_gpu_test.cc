@@ -7,7 +7,9 @@
 // kernels (CUDA cores, tensor cores at each pipeline depth) and with a small minimum of keys per
 // block (many partials to merge), each twice on one workspace (the second run checks that the
 // first left its arrival counters at zero). Block sizes of 8 and 24 positions make the tensor
-// kernel's 16-key tiles straddle pool blocks.
+// kernel's 16-key tiles straddle pool blocks. A large minimum of keys per block, and many short
+// pairs, make one block work through hundreds of pairs, finishing each (written out, or published
+// as a partial) before the next.
 // Runs on the GPU machine only (moa_gpu_tests --gtest_filter='Decode*').
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -46,6 +48,8 @@ constexpr Variant kVariants[] = {
     {DecodeAttentionVariant::kTensorCores, 3, 0, "tensor cores, 3 stages"},
     {DecodeAttentionVariant::kTensorCores, 4, 0, "tensor cores, 4 stages"},
     {DecodeAttentionVariant::kTensorCores, 3, 16, "tensor cores, min 16 keys per block"},
+    {DecodeAttentionVariant::kCudaCores, 0, 1024, "cuda cores, min 1024 keys per block"},
+    {DecodeAttentionVariant::kTensorCores, 2, 1024, "tensor cores, 2 stages, min 1024 keys"},
     {DecodeAttentionVariant::kDefault, 0, 0, "default"},
 };
 
@@ -238,6 +242,13 @@ TEST(DecodeAttention, LongSinglePair) {
   RunCase({1, 1, 4, 128, 16, 101, 40011});
   RunCase({2, 1, 1, 64, 32, 102, 25003});
   RunCase({1, 1, 8, 64, 24, 103, 30001});
+}
+
+// Hundreds of pairs of 1-3 visible keys: a block's range holds more pairs than it has threads
+// (the plan's slices then hold several pairs each), each shorter than one tile.
+TEST(DecodeAttention, ManyShortPairs) {
+  RunCase({300, 2, 4, 128, 16, 201, 3});
+  RunCase({700, 1, 1, 64, 8, 202, 2});
 }
 
 TEST(DecodeAttention, RefusesUnsupportedShapes) {
