@@ -8,10 +8,11 @@
 // over the time, as a fraction of the copy bandwidth, for each variant, and whether the variants'
 // outputs agree; then summaries, a sweep of the tensor kernel's pipeline depth, and a sweep of the
 // minimum keys per block at batch 1. Runs on the GPU machine only.
-// Usage: moa_gpu_bench [--quick] [--general] [--read] [--only SPEC[,SPEC...]]
+// Usage: moa_gpu_bench [--quick] [--general] [--read] [--read-warps N] [--only SPEC[,SPEC...]]
 //                      [--variant cuda|tensor] [--stages N] [--runs N] [--timing queued|idle]
 //                      [--spread GB]
 //   --quick: batch 1 and 8, 4k and 8k only; --read: also a plain read of the same pool blocks;
+//   --read-warps N: that read with N warps per SM (a multiple of 4; 8 = the decode kernel's);
 //   --only: just these rows of the table and no sweeps, SPEC = model/batch/len/plan (model mha or
 //   gqa, plan dense, w50, w25 or mixed, any field *), e.g. for the profiler; --variant: time one
 //   variant only; --stages: the tensor kernel's pipeline depth in the table; --runs: timed runs
@@ -53,6 +54,9 @@ int g_runs = 15;
 // --read: also time a plain read of the same pool blocks (no attention work): what the device
 // gives for this access pattern (random blocks of 4 KB of keys and 4 KB of values).
 bool g_read = false;
+// --read-warps N: the read with N warps per SM (e.g. 8, as the decode kernel's 2 blocks of 4:
+// the same bytes in flight per SM) instead of as many as fit (64, 8x the bytes in flight).
+int g_read_warps = 0;
 double g_spread_bytes = 0;  // --spread
 // The variants' outputs must agree to this (relative to the largest output): both are fp32-level.
 constexpr double kAgree = 1e-3;
@@ -370,10 +374,13 @@ Result RunConfig(const Model& m, int batch, int len, Plan plan, double copy_bw, 
     int per_sm = 0, sms = 0;
     CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ReadBlocks, 256, 0));
     CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    // --read-warps: blocks of 4 warps, that many warps per SM in all (else as many as fit).
+    const int threads = g_read_warps > 0 ? 128 : 256;
+    const int grid = g_read_warps > 0 ? sms * std::max(1, g_read_warps / 4) : sms * per_sm;
     const int64_t value_offset = pool_blocks * kBlockSize * kHeadDim;
     const double t = TimeIt([&] {
-      ReadBlocks<<<sms * per_sm, 256>>>(pool, d_ids, static_cast<int64_t>(ids.size()), value_offset,
-                                        d_sink);
+      ReadBlocks<<<grid, threads>>>(pool, d_ids, static_cast<int64_t>(ids.size()), value_offset,
+                                    d_sink);
       CHECK_CUDA(cudaGetLastError());
     });
     std::printf(" read %9.1f | %5.1f%% |", t * 1e6, 100.0 * used * block_bytes / t / copy_bw);
@@ -527,6 +534,10 @@ int main(int argc, char** argv) {
       variant = argv[++i];
     } else if (std::strcmp(argv[i], "--stages") == 0 && has_value && std::atoi(argv[i + 1]) > 0) {
       stages = std::atoi(argv[++i]);
+    } else if (std::strcmp(argv[i], "--read-warps") == 0 && has_value &&
+               std::atoi(argv[i + 1]) >= 4) {
+      g_read = true;
+      g_read_warps = std::atoi(argv[++i]);
     } else if (std::strcmp(argv[i], "--runs") == 0 && has_value && std::atoi(argv[i + 1]) > 0) {
       g_runs = std::atoi(argv[++i]);
     } else if (std::strcmp(argv[i], "--spread") == 0 && has_value && std::atof(argv[i + 1]) > 0) {
@@ -536,10 +547,11 @@ int main(int argc, char** argv) {
       g_launch_timing =
           std::strcmp(argv[++i], "idle") == 0 ? LaunchTiming::kIdle : LaunchTiming::kQueued;
     } else {
-      std::fprintf(stderr,
-                   "usage: %s [--quick] [--general] [--read] [--only SPEC[,SPEC...]] [--variant "
-                   "cuda|tensor] [--stages N] [--runs N] [--timing queued|idle] [--spread GB]\n",
-                   argv[0]);
+      std::fprintf(
+          stderr,
+          "usage: %s [--quick] [--general] [--read] [--read-warps N] [--only SPEC[,SPEC...]] "
+          "[--variant cuda|tensor] [--stages N] [--runs N] [--timing queued|idle] [--spread GB]\n",
+          argv[0]);
       return 2;
     }
   }
