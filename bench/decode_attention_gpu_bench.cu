@@ -376,7 +376,7 @@ Result RunConfig(const Model& m, int batch, int len, Plan plan, double copy_bw, 
     CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     // --read-warps: blocks of 4 warps, that many warps per SM in all (else as many as fit).
     const int threads = g_read_warps > 0 ? 128 : 256;
-    const int grid = g_read_warps > 0 ? sms * std::max(1, g_read_warps / 4) : sms * per_sm;
+    const int grid = g_read_warps > 0 ? sms * (g_read_warps / 4) : sms * per_sm;
     const int64_t value_offset = pool_blocks * kBlockSize * kHeadDim;
     const double t = TimeIt([&] {
       ReadBlocks<<<grid, threads>>>(pool, d_ids, static_cast<int64_t>(ids.size()), value_offset,
@@ -535,7 +535,7 @@ int main(int argc, char** argv) {
     } else if (std::strcmp(argv[i], "--stages") == 0 && has_value && std::atoi(argv[i + 1]) > 0) {
       stages = std::atoi(argv[++i]);
     } else if (std::strcmp(argv[i], "--read-warps") == 0 && has_value &&
-               std::atoi(argv[i + 1]) >= 4) {
+               std::atoi(argv[i + 1]) >= 4 && std::atoi(argv[i + 1]) % 4 == 0) {
       g_read = true;
       g_read_warps = std::atoi(argv[++i]);
     } else if (std::strcmp(argv[i], "--runs") == 0 && has_value && std::atoi(argv[i + 1]) > 0) {
@@ -576,6 +576,9 @@ int main(int argc, char** argv) {
           ? "launch queued behind the flush (device time only, as in a graph replay)"
           : "launch on an idle device (includes the host's launch call)",
       general ? "; general = the backend's one block per (row, KV head) kernel" : "");
+  if (g_read_warps > 0) {
+    std::printf("the plain read runs %d warps per SM (--read-warps)\n\n", g_read_warps);
+  }
   if (g_spread_bytes > 0) {
     std::printf("blocks placed at random in a pool of at least %.0f GB (--spread)\n\n",
                 g_spread_bytes / 1e9);
