@@ -10,7 +10,7 @@
 // minimum keys per block at batch 1. Runs on the GPU machine only.
 // Usage: moa_gpu_bench [--quick] [--general] [--read] [--read-warps N] [--only SPEC[,SPEC...]]
 //                      [--variant cuda|tensor] [--stages N] [--runs N] [--timing queued|idle]
-//                      [--spread GB]
+//                      [--spread GB] [--pair-keys N]
 //   --quick: batch 1 and 8, 4k and 8k only; --read: also a plain read of the same pool blocks;
 //   --read-warps N: that read with N warps per SM (a multiple of 4; 8 = the decode kernel's);
 //   --only: just these rows of the table and no sweeps, SPEC = model/batch/len/plan (model mha or
@@ -19,7 +19,8 @@
 //   per row (the median is shown; 15 by default); --timing: whether the device is busy (queued,
 //   the default) or idle (idle) when a timed launch is made (see LaunchTiming); --spread: place
 //   the blocks at random in a pool of at least GB gigabytes (the engine's pool fills the GPU)
-//   instead of one just large enough, to see what the larger address range costs.
+//   instead of one just large enough, to see what the larger address range costs; --pair-keys:
+//   the keys each pair start counts as in the split among blocks (pair_start_keys) in the table.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -240,8 +241,9 @@ double Density(Plan plan, int pair, int shift) {
 
 struct Timing {
   DecodeAttentionVariant variant;
-  int stages;    // 0: the default
-  int min_keys;  // 0: the default
+  int stages;          // 0: the default
+  int min_keys;        // 0: the default
+  int pair_keys = -1;  // -1: the default
 };
 
 struct Result {
@@ -347,6 +349,7 @@ Result RunConfig(const Model& m, int batch, int len, Plan plan, double copy_bw, 
     CHECK_CUDA(moa::cuda::GetDecodeAttentionConfig(kHeadDim, m.n_heads / m.n_kv_heads, n_pairs,
                                                    &cfg, tm.variant, tm.stages));
     if (tm.min_keys > 0) cfg.min_keys_per_block = tm.min_keys;
+    if (tm.pair_keys >= 0) cfg.pair_start_keys = tm.pair_keys;
     void* ws = nullptr;
     CHECK_CUDA(cudaMalloc(&ws, cfg.workspace_bytes));
     CHECK_CUDA(moa::cuda::InitDecodeAttentionWorkspace(cfg, ws, nullptr));
@@ -506,7 +509,7 @@ int main(int argc, char** argv) {
   bool quick = false, general = false;
   std::vector<Only> only;
   std::string variant = "both";
-  int stages = 0;
+  int stages = 0, pair_keys = -1;
   for (int i = 1; i < argc; ++i) {
     const bool has_value = i + 1 < argc;
     if (std::strcmp(argv[i], "--quick") == 0) {
@@ -534,6 +537,9 @@ int main(int argc, char** argv) {
       variant = argv[++i];
     } else if (std::strcmp(argv[i], "--stages") == 0 && has_value && std::atoi(argv[i + 1]) > 0) {
       stages = std::atoi(argv[++i]);
+    } else if (std::strcmp(argv[i], "--pair-keys") == 0 && has_value &&
+               std::atoi(argv[i + 1]) >= 0) {
+      pair_keys = std::atoi(argv[++i]);
     } else if (std::strcmp(argv[i], "--read-warps") == 0 && has_value &&
                std::atoi(argv[i + 1]) >= 4 && std::atoi(argv[i + 1]) % 4 == 0) {
       g_read = true;
@@ -550,7 +556,8 @@ int main(int argc, char** argv) {
       std::fprintf(
           stderr,
           "usage: %s [--quick] [--general] [--read] [--read-warps N] [--only SPEC[,SPEC...]] "
-          "[--variant cuda|tensor] [--stages N] [--runs N] [--timing queued|idle] [--spread GB]\n",
+          "[--variant cuda|tensor] [--stages N] [--runs N] [--timing queued|idle] [--spread GB] "
+          "[--pair-keys N]\n",
           argv[0]);
       return 2;
     }
@@ -601,8 +608,10 @@ int main(int argc, char** argv) {
     lens = {4096, 8192};
   }
   std::vector<Timing> timed;
-  if (variant != "tensor") timed.push_back({DecodeAttentionVariant::kCudaCores, 0, 0});
-  if (variant != "cuda") timed.push_back({DecodeAttentionVariant::kTensorCores, stages, 0});
+  if (variant != "tensor") timed.push_back({DecodeAttentionVariant::kCudaCores, 0, 0, pair_keys});
+  if (variant != "cuda") {
+    timed.push_back({DecodeAttentionVariant::kTensorCores, stages, 0, pair_keys});
+  }
   const auto selected = [&](const Model& m, int batch, int len, Plan plan) {
     if (only.empty()) return true;
     const std::string model = m.n_heads == m.n_kv_heads ? "mha" : "gqa";
@@ -666,6 +675,23 @@ int main(int argc, char** argv) {
     if (quick && (pt.batch > 8 || pt.len > 8192)) continue;
     RunConfig(models[pt.model], pt.batch, pt.len, pt.plan, copy_bw, rng, depths, false, false, true,
               " 2 / 3 / 4 stages |");
+  }
+
+  // The keys a pair start counts as, where blocks take one or two pairs each (batch 1 and 8).
+  std::printf(
+      "\ntensor cores by the keys a pair start counts as: time us and fraction at 0, 256, "
+      "512, 768, 1024\n\n");
+  std::vector<Timing> starts;
+  for (const int k : {0, 256, 512, 768, 1024}) {
+    starts.push_back({DecodeAttentionVariant::kTensorCores, 0, 0, k});
+  }
+  const Point start_points[] = {{0, 1, 8192, Plan::kDense},     {0, 1, 16384, Plan::kMixed50},
+                                {0, 8, 4096, Plan::kUniform25}, {1, 1, 32768, Plan::kDense},
+                                {1, 8, 8192, Plan::kDense},     {1, 8, 16384, Plan::kUniform25}};
+  for (const Point& pt : start_points) {
+    if (quick && (pt.batch > 8 || pt.len > 8192)) continue;
+    RunConfig(models[pt.model], pt.batch, pt.len, pt.plan, copy_bw, rng, starts, false, false,
+              false, " 0 / 256 / 512 / 768 / 1024 keys |");
   }
 
   // Batch 1 (the fewest pairs) by the minimum keys per block, both variants.

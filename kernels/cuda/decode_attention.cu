@@ -1,7 +1,8 @@
 // Split-KV decode attention (see decode_attention.h), one kernel per step:
-//   plan:  every block sums the pairs' visible lengths (a scan over its threads, cheaper than a
-//          separate launch), takes the key range [b * per_block, (b + 1) * per_block) of all
-//          pairs' keys laid end to end, and finds the pair that holds its first key;
+//   plan:  every block sums the pairs' costs, their visible lengths plus pair_start_keys each (a
+//          scan over its threads, cheaper than a separate launch), takes the range
+//          [b * per_block, (b + 1) * per_block) of all pairs' costs laid end to end, and finds
+//          the pair that holds its start;
 //   split: for each pair its range touches, the block's warps stream the keys and values once for
 //          all query heads of the GQA group, an online softmax in base 2, on CUDA cores
 //          (ScalarSplit) or tensor cores (TensorSplit); the warps' states are combined in shared
@@ -25,6 +26,14 @@ constexpr int kThreads = 32 * kWarps;
 // Measured on an H100 (docs/benchmarks-gpu-decode-attention.md): fewer keys per block leave
 // too few bytes in flight per block and too many partials to merge.
 constexpr int kMinKeysPerBlock = 128;
+// What starting a pair costs a block, as bytes of keys and values it could have read instead
+// (pair_start_keys is this over the bytes of one key and value). A timer per block (H100) showed
+// the blocks that start a second pair mid-kernel finishing last, 10-15 us behind the median
+// block: they fetch the new pair's first tiles behind everyone's queued reads, and as the pair's
+// last block in they also merge it. Counted as 512 keys at head_dim 128, the launches of 34-134
+// MB take 0.86-0.90x the time, larger ones the same; 256 and 1024 keys gain less
+// (docs/benchmarks-gpu-decode-attention.md).
+constexpr int64_t kPairStartBytes = int64_t{512} * 4 * 128;
 constexpr float kLog2e = 1.4426950408889634f;
 // Tensor cores: a warp's tile is 16 consecutive key positions (the k of mma m16n8k16); each
 // stage of its cp.async pipeline holds one tile's keys and values (4 KB + 4 KB at head_dim 128).
@@ -690,7 +699,8 @@ __device__ void FinishPair(const WarpStates& st, const Workspace& w, float* orow
 
 template <int HD, int G, bool kTensor>
 __global__ void __launch_bounds__(kThreads)
-    DecodeKernel(DecodeAttentionArgs a, DevicePool pool, Workspace w, int min_keys, int stages) {
+    DecodeKernel(DecodeAttentionArgs a, DevicePool pool, Workspace w, int min_keys, int stages,
+                 int pair_keys) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem =  // see kSharedAlign
       smem_raw + (kSharedAlign - __cvta_generic_to_shared(smem_raw) % kSharedAlign) % kSharedAlign;
@@ -713,9 +723,12 @@ __global__ void __launch_bounds__(kThreads)
     return row * a.n_heads * HD + static_cast<int64_t>(h) * G * HD;
   };
 
-  // Plan. Thread tid sums the visible keys of its slice of pairs; a scan of those sums gives the
-  // total (so the block's range) and each slice's start, and the thread whose slice holds key
-  // `begin` finds the block's first pair. Nothing per pair is kept: shared memory, and so the
+  // Plan. Thread tid sums the costs of its slice of pairs (a pair with visible keys costs them
+  // and pair_keys more, one without costs nothing); a scan of those sums gives the total (so the
+  // block's range) and each slice's start, and the thread whose slice holds `begin` finds the
+  // block's first pair. In that order, pair p costs [c, c + pair_keys) before its keys
+  // [c + pair_keys, c + pair_keys + n) (p0, p1 below): a block whose range ends before a pair's
+  // keys does not take the pair. Nothing per pair is kept: shared memory, and so the
   // blocks per SM, does not depend on the number of pairs.
   const int per = (n_pairs + kThreads - 1) / kThreads;
   const int lo = min(tid * per, n_pairs), hi = min(lo + per, n_pairs);
@@ -729,7 +742,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int p = lo; p < hi; ++p) {
     const int n = VisibleRange(a, p).n_keys;
-    mine += n;
+    mine += n > 0 ? n + pair_keys : 0;
     // A pair without visible keys (only from inconsistent arguments) still gets an output,
     // written by one block.
     if (n == 0 && p % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x)) {
@@ -746,7 +759,8 @@ __global__ void __launch_bounds__(kThreads)
   if (start <= begin && begin < start + mine) {
     long long p0 = start;
     for (int p = lo; p < hi; ++p) {
-      const long long p1 = p0 + VisibleRange(a, p).n_keys;
+      const int n = VisibleRange(a, p).n_keys;
+      const long long p1 = p0 + (n > 0 ? n + pair_keys : 0);
       if (begin < p1) {
         plan_first_pair = p;
         plan_first_start = p0;
@@ -758,12 +772,13 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (begin >= end) return;
 
-  long long p1 = plan_first_start;
+  long long p1 = plan_first_start;  // where the next pair's cost starts
   for (int p = plan_first_pair; p < n_pairs && p1 < end; ++p) {
-    const long long p0 = p1;
     const Range r = VisibleRange(a, p);
+    if (r.n_keys == 0) continue;
+    const long long p0 = p1 + pair_keys;
     p1 = p0 + r.n_keys;
-    if (p1 == p0) continue;
+    if (p0 >= end) break;
     PairPart part;
     part.r = r;
     part.k0 = static_cast<int>(max(begin, p0) - p0);
@@ -786,7 +801,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-using KernelFn = void (*)(DecodeAttentionArgs, DevicePool, Workspace, int, int);
+using KernelFn = void (*)(DecodeAttentionArgs, DevicePool, Workspace, int, int, int);
 
 template <int HD, bool kTensor>
 KernelFn KernelFor(int group) {
@@ -855,6 +870,7 @@ cudaError_t GetDecodeAttentionConfig(int head_dim, int group, int max_pairs,
   c.stages = tensor ? stages : 0;
   c.grid = std::max(1, sms * std::max(per_sm, 1));
   c.min_keys_per_block = kMinKeysPerBlock;
+  c.pair_start_keys = static_cast<int>(kPairStartBytes / (int64_t{4} * head_dim));
   c.shared_bytes = shared;
   Carve(nullptr, c, &c.workspace_bytes);
   *cfg = c;
@@ -871,7 +887,7 @@ cudaError_t LaunchDecodeAttention(const DecodeAttentionArgs& a, const DevicePool
                                   cudaStream_t stream) {
   if (a.n_kv_heads <= 0 || a.n_heads % a.n_kv_heads != 0 || pool.head_dim != cfg.head_dim ||
       a.n_heads / a.n_kv_heads != cfg.group || pool.block_size <= 0 || a.n_seqs < 0 ||
-      cfg.min_keys_per_block <= 0 ||
+      cfg.min_keys_per_block <= 0 || cfg.pair_start_keys < 0 ||
       (cfg.tensor_cores && (cfg.stages < 2 || cfg.stages > kMaxStages))) {
     return cudaErrorInvalidValue;
   }
@@ -883,7 +899,7 @@ cudaError_t LaunchDecodeAttention(const DecodeAttentionArgs& a, const DevicePool
   int64_t bytes = 0;
   const Workspace w = Carve(workspace, cfg, &bytes);
   fn<<<cfg.grid, kThreads, cfg.shared_bytes, stream>>>(a, pool, w, cfg.min_keys_per_block,
-                                                       cfg.stages);
+                                                       cfg.stages, cfg.pair_start_keys);
   return cudaGetLastError();
 }
 

@@ -72,9 +72,14 @@ struct DecodeAttentionConfig {
   bool tensor_cores = false;
   int stages = 0;  // tensor cores: cp.async pipeline depth in tiles of 16 keys per warp
   int grid = 0;    // thread blocks of the persistent kernel (all resident at once)
-  // No block takes fewer keys than this: below it, per-block setup and partial results cost more
-  // than the keys (blocks beyond total / min_keys_per_block stay idle).
+  // No block takes a smaller share than this many keys (pair starts counted as below): below it,
+  // per-block setup and partial results cost more than the keys (blocks beyond
+  // total / min_keys_per_block stay idle).
   int min_keys_per_block = 0;
+  // Each pair with visible keys counts as this many keys more when the keys are split among the
+  // blocks: a block that starts a pair pays for it (the pair's first table entries and tiles,
+  // fetched while every other block keeps the memory busy) and is likelier to merge it at the end.
+  int pair_start_keys = 0;
   int64_t shared_bytes = 0;  // dynamic shared memory per block
   int64_t workspace_bytes = 0;
 };

@@ -36,21 +36,27 @@ constexpr double kTolerance = 1e-4;
 
 struct Variant {
   DecodeAttentionVariant kind;
-  int stages;    // 0: the default
-  int min_keys;  // 0: the default
+  int stages;     // 0: the default
+  int min_keys;   // 0: the default
+  int pair_keys;  // -1: the default
   const char* name;
 };
 
 constexpr Variant kVariants[] = {
-    {DecodeAttentionVariant::kCudaCores, 0, 0, "cuda cores"},
-    {DecodeAttentionVariant::kCudaCores, 0, 16, "cuda cores, min 16 keys per block"},
-    {DecodeAttentionVariant::kTensorCores, 2, 0, "tensor cores, 2 stages"},
-    {DecodeAttentionVariant::kTensorCores, 3, 0, "tensor cores, 3 stages"},
-    {DecodeAttentionVariant::kTensorCores, 4, 0, "tensor cores, 4 stages"},
-    {DecodeAttentionVariant::kTensorCores, 3, 16, "tensor cores, min 16 keys per block"},
-    {DecodeAttentionVariant::kCudaCores, 0, 1024, "cuda cores, min 1024 keys per block"},
-    {DecodeAttentionVariant::kTensorCores, 2, 1024, "tensor cores, 2 stages, min 1024 keys"},
-    {DecodeAttentionVariant::kDefault, 0, 0, "default"},
+    {DecodeAttentionVariant::kCudaCores, 0, 0, -1, "cuda cores"},
+    {DecodeAttentionVariant::kCudaCores, 0, 16, -1, "cuda cores, min 16 keys per block"},
+    {DecodeAttentionVariant::kTensorCores, 2, 0, -1, "tensor cores, 2 stages"},
+    {DecodeAttentionVariant::kTensorCores, 3, 0, -1, "tensor cores, 3 stages"},
+    {DecodeAttentionVariant::kTensorCores, 4, 0, -1, "tensor cores, 4 stages"},
+    {DecodeAttentionVariant::kTensorCores, 3, 16, -1, "tensor cores, min 16 keys per block"},
+    {DecodeAttentionVariant::kCudaCores, 0, 1024, -1, "cuda cores, min 1024 keys per block"},
+    {DecodeAttentionVariant::kTensorCores, 2, 1024, -1, "tensor cores, 2 stages, min 1024 keys"},
+    // A pair start worth no keys (the split of the keys alone), and worth more than most pairs'
+    // keys (blocks whose range holds only pair starts take no keys).
+    {DecodeAttentionVariant::kTensorCores, 3, 16, 0, "tensor cores, pair starts cost nothing"},
+    {DecodeAttentionVariant::kCudaCores, 0, 16, 5000, "cuda cores, 5000 keys per pair start"},
+    {DecodeAttentionVariant::kTensorCores, 3, 16, 5000, "tensor cores, 5000 keys per pair start"},
+    {DecodeAttentionVariant::kDefault, 0, 0, -1, "default"},
 };
 
 using gpu_test::DeviceBuffer;
@@ -188,6 +194,7 @@ void RunCase(const Case& c) {
       ASSERT_EQ(cfg.tensor_cores, v.kind == DecodeAttentionVariant::kTensorCores);
     }
     if (v.min_keys > 0) cfg.min_keys_per_block = v.min_keys;
+    if (v.pair_keys >= 0) cfg.pair_start_keys = v.pair_keys;
     DeviceBuffer<char> d_ws;
     CUDA_OK(cudaMalloc(&d_ws.ptr, cfg.workspace_bytes));
     CUDA_OK(InitDecodeAttentionWorkspace(cfg, d_ws.ptr, nullptr));
@@ -270,6 +277,18 @@ TEST(DecodeAttention, RefusesUnsupportedShapes) {
                                  1.0f,    nullptr, nullptr, nullptr, nullptr,
                                  nullptr, nullptr, nullptr, nullptr, 0};
   EXPECT_EQ(LaunchDecodeAttention(args, DevicePool{nullptr, 1, 16, 64}, cfg, nullptr, nullptr),
+            cudaErrorInvalidValue);
+  // The default counts a pair start as the same bytes at every head_dim; a negative count is
+  // refused.
+  DecodeAttentionConfig cfg128;
+  ASSERT_EQ(GetDecodeAttentionConfig(128, 2, 4, &cfg128), cudaSuccess);
+  EXPECT_GT(cfg128.pair_start_keys, 0);
+  EXPECT_EQ(cfg.pair_start_keys, 2 * cfg128.pair_start_keys);
+  const DecodeAttentionArgs two{nullptr, nullptr, 1,       4,       2,
+                                1.0f,    nullptr, nullptr, nullptr, nullptr,
+                                nullptr, nullptr, nullptr, nullptr, 0};
+  cfg.pair_start_keys = -1;
+  EXPECT_EQ(LaunchDecodeAttention(two, DevicePool{nullptr, 1, 16, 64}, cfg, nullptr, nullptr),
             cudaErrorInvalidValue);
 }
 
