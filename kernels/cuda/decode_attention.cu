@@ -31,7 +31,7 @@ constexpr int kMinKeysPerBlock = 128;
 // the blocks that start a second pair mid-kernel finishing last, 10-15 us behind the median
 // block: they fetch the new pair's first tiles behind everyone's queued reads, and as the pair's
 // last block in they also merge it. Counted as 512 keys at head_dim 128, the launches of 34-134
-// MB take 0.86-0.90x the time, larger ones the same; 256 and 1024 keys gain less
+// MB take 0.86-0.90x the time, larger ones 0.98-1.00x; 256 and 1024 keys gain less
 // (docs/benchmarks-gpu-decode-attention.md).
 constexpr int64_t kPairStartBytes = int64_t{512} * 4 * 128;
 constexpr float kLog2e = 1.4426950408889634f;
