@@ -6,8 +6,9 @@
 // Llama-2-7B-like (32 query / 32 KV heads) and Llama-3-8B-like (32 / 8) layers, head_dim 128, one
 // layer. Prints one row per (shape, batch, KV length, plan): the K and V bytes of the visible keys
 // over the time, as a fraction of the copy bandwidth, for each variant, and whether the variants'
-// outputs agree; then summaries, a sweep of the tensor kernel's pipeline depth, and a sweep of the
-// minimum keys per block at batch 1. Runs on the GPU machine only.
+// outputs agree; then summaries, sweeps of the tensor kernel's pipeline depth and of the keys a
+// pair start counts as, and a sweep of the minimum keys per block at batch 1. Runs on the GPU
+// machine only.
 // Usage: moa_gpu_bench [--quick] [--general] [--read] [--read-warps N] [--only SPEC[,SPEC...]]
 //                      [--variant cuda|tensor] [--stages N] [--runs N] [--timing queued|idle]
 //                      [--spread GB] [--pair-keys N]
