@@ -730,6 +730,9 @@ __global__ void __launch_bounds__(kThreads)
   // [c + pair_keys, c + pair_keys + n) (p0, p1 below): a block whose range ends before a pair's
   // keys does not take the pair. Nothing per pair is kept: shared memory, and so the
   // blocks per SM, does not depend on the number of pairs.
+  const auto cost = [pair_keys](int n_keys) -> long long {
+    return n_keys > 0 ? n_keys + pair_keys : 0;
+  };
   const int per = (n_pairs + kThreads - 1) / kThreads;
   const int lo = min(tid * per, n_pairs), hi = min(lo + per, n_pairs);
   long long mine = 0;
@@ -742,7 +745,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int p = lo; p < hi; ++p) {
     const int n = VisibleRange(a, p).n_keys;
-    mine += n > 0 ? n + pair_keys : 0;
+    mine += cost(n);
     // A pair without visible keys (only from inconsistent arguments) still gets an output,
     // written by one block.
     if (n == 0 && p % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x)) {
@@ -759,8 +762,7 @@ __global__ void __launch_bounds__(kThreads)
   if (start <= begin && begin < start + mine) {
     long long p0 = start;
     for (int p = lo; p < hi; ++p) {
-      const int n = VisibleRange(a, p).n_keys;
-      const long long p1 = p0 + (n > 0 ? n + pair_keys : 0);
+      const long long p1 = p0 + cost(VisibleRange(a, p).n_keys);
       if (begin < p1) {
         plan_first_pair = p;
         plan_first_start = p0;
