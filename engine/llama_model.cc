@@ -263,7 +263,12 @@ absl::StatusOr<std::unique_ptr<Tensor>> LlamaModel::ForwardToLogits(
     ap.span = im.span;
     for (int l = 0; l < c.n_layers; ++l) {
       const Impl::Layer& L = im.layers[l];
-      RETURN_IF_ERROR(be.RmsNorm(*x, *L.attn_norm, c.rms_eps, *xn));
+      // The previous layer's last residual add (its MLP's output, in proj) goes with this norm.
+      if (l == 0) {
+        RETURN_IF_ERROR(be.RmsNorm(*x, *L.attn_norm, c.rms_eps, *xn));
+      } else {
+        RETURN_IF_ERROR(be.AddRmsNorm(*x, *proj, *L.attn_norm, c.rms_eps, *xn));
+      }
       RETURN_IF_ERROR(be.MatMul(*xn, *L.q, *q));
       RETURN_IF_ERROR(be.MatMul(*xn, *L.k, *k));
       RETURN_IF_ERROR(be.MatMul(*xn, *L.v, *v));
@@ -283,14 +288,13 @@ absl::StatusOr<std::unique_ptr<Tensor>> LlamaModel::ForwardToLogits(
       ap.rules = im.rules.empty() ? absl::Span<const SpanRule>() : im.rules[l];
       RETURN_IF_ERROR(be.Attention(*q, *k, *v, slices, ap, pool, *attn));
       RETURN_IF_ERROR(be.MatMul(*attn, *L.o, *proj));
-      RETURN_IF_ERROR(be.Add(*x, *proj));
-      RETURN_IF_ERROR(be.RmsNorm(*x, *L.ffn_norm, c.rms_eps, *xn));
+      RETURN_IF_ERROR(be.AddRmsNorm(*x, *proj, *L.ffn_norm, c.rms_eps, *xn));
       RETURN_IF_ERROR(be.MatMul(*xn, *L.gate, *gate));
       RETURN_IF_ERROR(be.MatMul(*xn, *L.up, *up));
       RETURN_IF_ERROR(be.SwiGlu(*gate, *up, *act));
       RETURN_IF_ERROR(be.MatMul(*act, *L.down, *proj));
-      RETURN_IF_ERROR(be.Add(*x, *proj));
     }
+    if (c.n_layers > 0) RETURN_IF_ERROR(be.Add(*x, *proj));
 
     // Only the wanted rows go through the final norm and the (large) vocabulary projection.
     const int64_t n_out = static_cast<int64_t>(wanted_rows.size());

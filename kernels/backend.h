@@ -104,6 +104,13 @@ class Backend {
   virtual absl::Status SwiGlu(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
   // x += y.
   virtual absl::Status Add(Tensor& x, const Tensor& y) = 0;
+  // x += y, then out = RmsNorm(x, weight): a residual add and the norm after it, which a backend
+  // may do in one pass over x. The default runs Add, then RmsNorm.
+  virtual absl::Status AddRmsNorm(Tensor& x, const Tensor& y, const Tensor& weight, float eps,
+                                  Tensor& out) {
+    if (absl::Status s = Add(x, y); !s.ok()) return s;
+    return RmsNorm(x, weight, eps, out);
+  }
 
   // A pool of num_blocks KV blocks (see KvPool); contents uninitialised.
   virtual absl::StatusOr<std::unique_ptr<KvPool>> NewKvPool(int32_t num_blocks, int32_t block_size,

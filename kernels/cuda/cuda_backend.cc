@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <chrono>
 #include <cstring>
@@ -120,6 +121,11 @@ class CudaTensor : public Tensor {
   // An activation in memory owned by someone else (a replayable step's scratch arena).
   CudaTensor(int64_t rows, int64_t cols, void* borrowed)
       : rows_(rows), cols_(cols), kind_(Kind::kActivation), data_(borrowed) {}
+  // Which tensor and which of its contents, for copies made of it (CudaBackend's HalfCopy): an id
+  // no other tensor of the process gets, and a count of the writes to it so far.
+  uint64_t id() const { return id_; }
+  uint64_t writes() const { return writes_; }
+  void CountWrite() { ++writes_; }
   int64_t rows() const override { return rows_; }
   int64_t cols() const override { return cols_; }
   Kind kind() const { return kind_; }
@@ -134,6 +140,12 @@ class CudaTensor : public Tensor {
   Kind kind_;
   std::unique_ptr<DeviceBuffer> buf_;
   void* data_;
+  uint64_t id_ = NextId();
+  uint64_t writes_ = 0;
+  static uint64_t NextId() {
+    static std::atomic<uint64_t> next{1};
+    return next.fetch_add(1, std::memory_order_relaxed);
+  }
 };
 
 // The CPU backend's layout (all key blocks, then all value blocks), in fp16.
@@ -186,8 +198,11 @@ absl::StatusOr<const CudaTensor*> AsCuda(const Tensor& t, absl::string_view what
 absl::StatusOr<const CudaTensor*> AsActivation(const Tensor& t, absl::string_view what) {
   return AsBackendActivation<const CudaTensor>(t, what, "CUDA");
 }
+// For the operations that write `t`: each such call counts as a write (see CudaTensor::writes).
 absl::StatusOr<CudaTensor*> AsActivation(Tensor& t, absl::string_view what) {
-  return AsBackendActivation<CudaTensor>(t, what, "CUDA");
+  absl::StatusOr<CudaTensor*> c = AsBackendActivation<CudaTensor>(t, what, "CUDA");
+  if (c.ok()) (*c)->CountWrite();
+  return c;
 }
 
 // Per-call host data (positions, block tables ...) copied to a reused device buffer.
@@ -260,6 +275,8 @@ class CudaBackend : public Backend {
                     absl::Span<const int32_t> positions, RopeLayout layout) override;
   absl::Status SwiGlu(const Tensor& gate, const Tensor& up, Tensor& out) override;
   absl::Status Add(Tensor& x, const Tensor& y) override;
+  absl::Status AddRmsNorm(Tensor& x, const Tensor& y, const Tensor& weight, float eps,
+                          Tensor& out) override;
   absl::StatusOr<std::unique_ptr<KvPool>> NewKvPool(int32_t num_blocks, int32_t block_size,
                                                     int head_dim) override;
   int64_t KvBlockBytes(int32_t block_size, int head_dim) const override {
@@ -330,8 +347,23 @@ class CudaBackend : public Backend {
   double direct_host_s_ = 0;
   struct {
     int head_dim = 0, group = 0, pairs = 0;
-  } pending_decode_;     // a decode workspace to grow before the next step (pairs > 0)
-  DeviceBuffer half_x_;  // MatMul's input converted to fp16
+  } pending_decode_;  // a decode workspace to grow before the next step (pairs > 0)
+  // MatMul reads its input in fp16. The operations whose output is usually a MatMul's input
+  // (RmsNorm, AddRmsNorm, SwiGlu) write its fp16 rounding as well, and a MatMul on the input of
+  // the MatMul before it (q, k, v; gate, up) reads the same copy: per decode layer of a 7B model
+  // at batch 58 that saves six conversion kernels (docs/benchmarks-gpu-e2e.md). The copy lives in
+  // half_x_ outside steps, in the step's scratch inside one.
+  struct HalfCopy {
+    uint64_t tensor = 0;  // CudaTensor::id, 0 = none
+    uint64_t writes = 0;  // CudaTensor::writes when the copy was made
+    void* data = nullptr;
+  };
+  HalfCopy half_copy_;
+  DeviceBuffer half_x_;
+  // Room for the fp16 copy of `t` (half_x_, or step scratch), noted in half_copy_ as t's.
+  absl::StatusOr<void*> HalfCopyRoom(const CudaTensor& t);
+  absl::Status NormOp(int op, const CudaTensor& x, const CudaTensor* y, CudaTensor* x_sum,
+                      const Tensor& weight, float eps, Tensor& out);
   // Per-call metadata: Rope's frequencies and positions, Embed's tokens.
   UploadBuffer up_a_, up_b_;
   // Attention: per-call metadata packed on the host and uploaded in one copy (the vectors are
@@ -506,19 +538,56 @@ absl::Status CudaBackend::Embed(const Tensor& table, absl::Span<const int32_t> t
 
 absl::Status CudaBackend::RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) {
   ASSIGN_OR_RETURN(const CudaTensor* xc, AsActivation(x, "RmsNorm input"));
+  return NormOp(2, *xc, nullptr, nullptr, weight, eps, out);
+}
+
+absl::Status CudaBackend::AddRmsNorm(Tensor& x, const Tensor& y, const Tensor& weight, float eps,
+                                     Tensor& out) {
+  ASSIGN_OR_RETURN(CudaTensor * xc, AsActivation(x, "Add x"));
+  ASSIGN_OR_RETURN(const CudaTensor* yc, AsActivation(y, "Add y"));
+  RETURN_IF_ERROR(CheckShape(*yc, xc->rows(), xc->cols(), "Add y"));
+  return NormOp(8, *xc, yc, xc, weight, eps, out);
+}
+
+// RmsNorm of x, or of x + y written to x_sum (AddRmsNorm), with the fp16 copy of the output.
+absl::Status CudaBackend::NormOp(int op, const CudaTensor& x, const CudaTensor* y,
+                                 CudaTensor* x_sum, const Tensor& weight, float eps, Tensor& out) {
   ASSIGN_OR_RETURN(const CudaTensor* wc, AsCuda(weight, "RmsNorm weight"));
   ASSIGN_OR_RETURN(CudaTensor * o, AsActivation(out, "RmsNorm output"));
-  const int64_t d = xc->cols();
+  const int64_t d = x.cols();
   RETURN_IF_ERROR(CheckShape(*wc, 1, d, "RmsNorm weight"));
-  RETURN_IF_ERROR(CheckShape(*o, xc->rows(), d, "RmsNorm output"));
+  RETURN_IF_ERROR(CheckShape(*o, x.rows(), d, "RmsNorm output"));
   // A [1, d] weight is fp32: LoadWeight keeps one-row weights in fp32, or it is an activation.
-  if (xc->rows() > std::numeric_limits<int32_t>::max()) {
-    return absl::InvalidArgumentError(absl::StrCat("RmsNorm: ", xc->rows(), " rows"));
+  if (x.rows() > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat("RmsNorm: ", x.rows(), " rows"));
   }
-  RETURN_IF_ERROR(StepOp(2, xc->data(), wc->data(), xc->rows(), d, eps, o->data()));
+  if (x.rows() == 0) return absl::OkStatus();
+  ASSIGN_OR_RETURN(void* half, HalfCopyRoom(*o));
+  const float* yd = y != nullptr ? y->f32() : nullptr;
+  float* sum = x_sum != nullptr ? x_sum->f32() : nullptr;
+  RETURN_IF_ERROR(StepOp(op, x.data(), yd, sum, wc->data(), x.rows(), d, eps, o->data(), half));
   if (!graphs_.launching()) return absl::OkStatus();  // a replay: staged only
-  return CudaError(cuda::LaunchRmsNorm(xc->f32(), wc->f32(), xc->rows(), d, eps, o->f32(), stream_),
-                   "RmsNorm");
+  return CudaError(
+      cuda::LaunchRmsNorm(x.f32(), yd, sum, wc->f32(), x.rows(), d, eps, o->f32(), half, stream_),
+      "RmsNorm");
+}
+
+absl::StatusOr<void*> CudaBackend::HalfCopyRoom(const CudaTensor& t) {
+  const int64_t bytes = t.rows() * t.cols() * 2;
+  void* at = nullptr;
+  if (graphs_.in_step()) {
+    ASSIGN_OR_RETURN(at, graphs_.Scratch(bytes));
+  } else {
+    if (bytes > half_x_.bytes()) {
+      half_copy_ = {};
+      // Queued kernels may still read the old buffer.
+      RETURN_IF_ERROR(CudaError(cudaStreamSynchronize(stream_), "fp16 copy"));
+      RETURN_IF_ERROR(half_x_.Allocate(std::max(bytes, 2 * half_x_.bytes()), "fp16 copy"));
+    }
+    at = half_x_.get();
+  }
+  half_copy_ = {t.id(), t.writes(), at};
+  return at;
 }
 
 absl::Status CudaBackend::MatMul(const Tensor& x, const Tensor& w, Tensor& out) {
@@ -544,20 +613,16 @@ absl::Status CudaBackend::MatMul(const Tensor& x, const Tensor& w, Tensor& out) 
   const void* b = xc->data();
   cudaDataType_t ab_type = CUDA_R_32F;
   if (wc->is_half()) {
-    const int64_t bytes = t_rows * k * 2;
-    if (graphs_.in_step()) {
-      ASSIGN_OR_RETURN(void* scratch, graphs_.Scratch(bytes));
-      b = scratch;
-    } else if (bytes > half_x_.bytes()) {
-      RETURN_IF_ERROR(CudaError(cudaStreamSynchronize(stream_), "MatMul"));
-      RETURN_IF_ERROR(half_x_.Allocate(std::max(bytes, 2 * half_x_.bytes()), "MatMul scratch"));
-    }
-    if (!graphs_.in_step()) b = half_x_.get();
     ab_type = CUDA_R_16F;
-    if (graphs_.launching()) {
-      RETURN_IF_ERROR(
-          CudaError(cuda::LaunchFloatToHalf(xc->f32(), t_rows * k, const_cast<void*>(b), stream_),
-                    "MatMul input to fp16"));
+    if (half_copy_.tensor == xc->id() && half_copy_.writes == xc->writes()) {
+      b = half_copy_.data;  // made by the operation that wrote x, or by the MatMul before
+    } else {
+      ASSIGN_OR_RETURN(void* half, HalfCopyRoom(*xc));
+      b = half;
+      if (graphs_.launching()) {
+        RETURN_IF_ERROR(CudaError(cuda::LaunchFloatToHalf(xc->f32(), t_rows * k, half, stream_),
+                                  "MatMul input to fp16"));
+      }
     }
   }
   RETURN_IF_ERROR(StepOp(3, xc->data(), wc->data(), b, o->data(), t_rows, k, n, ab_type));
@@ -606,10 +671,13 @@ absl::Status CudaBackend::SwiGlu(const Tensor& gate, const Tensor& up, Tensor& o
   ASSIGN_OR_RETURN(CudaTensor * o, AsActivation(out, "SwiGlu output"));
   RETURN_IF_ERROR(CheckShape(*u, g->rows(), g->cols(), "SwiGlu up"));
   RETURN_IF_ERROR(CheckShape(*o, g->rows(), g->cols(), "SwiGlu output"));
-  RETURN_IF_ERROR(StepOp(5, g->data(), u->data(), o->data(), g->rows() * g->cols()));
+  if (g->rows() == 0) return absl::OkStatus();
+  ASSIGN_OR_RETURN(void* half, HalfCopyRoom(*o));
+  RETURN_IF_ERROR(StepOp(5, g->data(), u->data(), o->data(), g->rows() * g->cols(), half));
   if (!graphs_.launching()) return absl::OkStatus();  // a replay: staged only
-  return CudaError(cuda::LaunchSwiGlu(g->f32(), u->f32(), g->rows() * g->cols(), o->f32(), stream_),
-                   "SwiGlu");
+  return CudaError(
+      cuda::LaunchSwiGlu(g->f32(), u->f32(), g->rows() * g->cols(), o->f32(), half, stream_),
+      "SwiGlu");
 }
 
 absl::Status CudaBackend::Add(Tensor& x, const Tensor& y) {
@@ -1040,6 +1108,7 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
 }
 
 absl::Status CudaBackend::BeginStep(int64_t key) {
+  half_copy_ = {};  // in half_x_, which a step does not use
   RETURN_IF_ERROR(BeginGraphStep(key));
   if (!graphs_.in_step()) direct_begin_ = std::chrono::steady_clock::now();
   return absl::OkStatus();
@@ -1063,6 +1132,7 @@ absl::Status CudaBackend::BeginGraphStep(int64_t key) {
 }
 
 absl::Status CudaBackend::EndStep() {
+  half_copy_ = {};  // in the step's scratch, which the next step reuses
   if (!graphs_.in_step()) {
     if (direct_begin_) {
       direct_host_s_ +=
@@ -1076,6 +1146,7 @@ absl::Status CudaBackend::EndStep() {
 }
 
 void CudaBackend::CancelStep() {
+  half_copy_ = {};
   graphs_.Cancel();
   direct_begin_.reset();
   // The step's table updates were never sent: what the cache believes the arena holds is wrong.

@@ -30,20 +30,89 @@ __global__ void EmbedKernel(const __half* table, int64_t cols, const int32_t* to
   }
 }
 
-__global__ void RmsNormKernel(const float* x, const float* w, int64_t cols, float eps, float* out) {
-  __shared__ float partial[kThreads];
-  const float* in = x + static_cast<int64_t>(blockIdx.x) * cols;
-  float* dst = out + static_cast<int64_t>(blockIdx.x) * cols;
-  float ss = 0.0f;
-  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) ss += in[i] * in[i];
-  partial[threadIdx.x] = ss;
+// RMSNorm, one block of kNormThreads per row. The sum of squares is reduced by warp shuffles, then
+// across the warps in shared memory (two barriers, where a tree over the threads had eight).
+constexpr int kNormThreads = 256;
+// Rows of up to 4 x kNormThreads x kNormMaxVec floats (8192), a multiple of 4, are read once into
+// registers as float4s (all loads of a thread in flight at once): a decode batch has few rows, so
+// each block's chain of memory round trips is what the norm costs.
+constexpr int kNormMaxVec = 8;
+
+__device__ float NormBlockSum(float v) {
+  __shared__ float warp_sums[kNormThreads / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s /= 2) {
-    if (static_cast<int>(threadIdx.x) < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-    __syncthreads();
+  float s = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kNormThreads / 32; ++w) s += warp_sums[w];
+  return s;
+}
+
+template <int V>
+__global__ void __launch_bounds__(kNormThreads)
+    RmsNormVecKernel(const float* x, const float* y, float* x_sum, const float* w, int64_t cols,
+                     float eps, float* out, __half* out_half) {
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * cols;
+  const int n4 = static_cast<int>(cols / 4);
+  const float4* x4 = reinterpret_cast<const float4*>(x + base);
+  float4 v[V];
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const int i = static_cast<int>(threadIdx.x) + j * kNormThreads;
+    v[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (i < n4) {
+      v[j] = x4[i];
+      if (y != nullptr) {
+        const float4 b = reinterpret_cast<const float4*>(y + base)[i];
+        v[j] = make_float4(v[j].x + b.x, v[j].y + b.y, v[j].z + b.z, v[j].w + b.w);
+        reinterpret_cast<float4*>(x_sum + base)[i] = v[j];
+      }
+    }
+    ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
   }
-  const float inv = rsqrtf(partial[0] / static_cast<float>(cols) + eps);
-  for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) dst[i] = in[i] * inv * w[i];
+  const float inv = rsqrtf(NormBlockSum(ss) / static_cast<float>(cols) + eps);
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const int i = static_cast<int>(threadIdx.x) + j * kNormThreads;
+    if (i >= n4) break;
+    const float4 g = reinterpret_cast<const float4*>(w)[i];
+    const float4 o =
+        make_float4(v[j].x * inv * g.x, v[j].y * inv * g.y, v[j].z * inv * g.z, v[j].w * inv * g.w);
+    reinterpret_cast<float4*>(out + base)[i] = o;
+    if (out_half != nullptr) {
+      const __half2 h01 = __floats2half2_rn(o.x, o.y), h23 = __floats2half2_rn(o.z, o.w);
+      uint2 bits;
+      bits.x = *reinterpret_cast<const uint32_t*>(&h01);
+      bits.y = *reinterpret_cast<const uint32_t*>(&h23);
+      reinterpret_cast<uint2*>(out_half + base)[i] = bits;
+    }
+  }
+}
+
+// Any other row length: two passes over the row (the second reads what this thread wrote).
+__global__ void __launch_bounds__(kNormThreads)
+    RmsNormKernel(const float* x, const float* y, float* x_sum, const float* w, int64_t cols,
+                  float eps, float* out, __half* out_half) {
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * cols;
+  const float* in = y != nullptr ? x_sum + base : x + base;
+  float ss = 0.0f;
+  for (int64_t i = threadIdx.x; i < cols; i += kNormThreads) {
+    float s = x[base + i];
+    if (y != nullptr) {
+      s += y[base + i];
+      x_sum[base + i] = s;
+    }
+    ss += s * s;
+  }
+  const float inv = rsqrtf(NormBlockSum(ss) / static_cast<float>(cols) + eps);
+  for (int64_t i = threadIdx.x; i < cols; i += kNormThreads) {
+    const float o = in[i] * inv * w[i];
+    out[base + i] = o;
+    if (out_half != nullptr) out_half[base + i] = __float2half_rn(o);
+  }
 }
 
 __global__ void RopeKernel(float* x, int64_t rows, int n_heads, int head_dim, const float* inv_freq,
@@ -64,10 +133,13 @@ __global__ void RopeKernel(float* x, int64_t rows, int n_heads, int head_dim, co
   }
 }
 
-__global__ void SwiGluKernel(const float* gate, const float* up, int64_t n, float* out) {
+__global__ void SwiGluKernel(const float* gate, const float* up, int64_t n, float* out,
+                             __half* out_half) {
   for (int64_t i = GlobalIndex(); i < n; i += GlobalStride()) {
     const float g = gate[i];
-    out[i] = g / (1.0f + expf(-g)) * up[i];
+    const float o = g / (1.0f + expf(-g)) * up[i];
+    out[i] = o;
+    if (out_half != nullptr) out_half[i] = __float2half_rn(o);
   }
 }
 
@@ -228,10 +300,26 @@ cudaError_t LaunchEmbed(const void* table, int64_t cols, const int32_t* tokens, 
   return cudaGetLastError();
 }
 
-cudaError_t LaunchRmsNorm(const float* x, const float* weight, int64_t rows, int64_t cols,
-                          float eps, float* out, cudaStream_t stream) {
+cudaError_t LaunchRmsNorm(const float* x, const float* y, float* x_sum, const float* weight,
+                          int64_t rows, int64_t cols, float eps, float* out, void* out_half,
+                          cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  RmsNormKernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, weight, cols, eps, out);
+  const auto grid = static_cast<unsigned>(rows);
+  __half* h = static_cast<__half*>(out_half);
+  const int64_t vecs = (cols / 4 + kNormThreads - 1) / kNormThreads;  // float4s per thread
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (cols % 4 != 0 || vecs > kNormMaxVec || !aligned(x) || !aligned(y) || !aligned(x_sum) ||
+      !aligned(weight) || !aligned(out) || !aligned(out_half)) {
+    RmsNormKernel<<<grid, kNormThreads, 0, stream>>>(x, y, x_sum, weight, cols, eps, out, h);
+  } else if (vecs <= 1) {
+    RmsNormVecKernel<1><<<grid, kNormThreads, 0, stream>>>(x, y, x_sum, weight, cols, eps, out, h);
+  } else if (vecs <= 2) {
+    RmsNormVecKernel<2><<<grid, kNormThreads, 0, stream>>>(x, y, x_sum, weight, cols, eps, out, h);
+  } else if (vecs <= 4) {
+    RmsNormVecKernel<4><<<grid, kNormThreads, 0, stream>>>(x, y, x_sum, weight, cols, eps, out, h);
+  } else {
+    RmsNormVecKernel<8><<<grid, kNormThreads, 0, stream>>>(x, y, x_sum, weight, cols, eps, out, h);
+  }
   return cudaGetLastError();
 }
 
@@ -243,9 +331,10 @@ cudaError_t LaunchRope(float* x, int64_t rows, int n_heads, int head_dim, const 
   return cudaGetLastError();
 }
 
-cudaError_t LaunchSwiGlu(const float* gate, const float* up, int64_t n, float* out,
+cudaError_t LaunchSwiGlu(const float* gate, const float* up, int64_t n, float* out, void* out_half,
                          cudaStream_t stream) {
-  SwiGluKernel<<<GridFor(n), kThreads, 0, stream>>>(gate, up, n, out);
+  SwiGluKernel<<<GridFor(n), kThreads, 0, stream>>>(gate, up, n, out,
+                                                    static_cast<__half*>(out_half));
   return cudaGetLastError();
 }
 

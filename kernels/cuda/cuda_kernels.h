@@ -18,17 +18,21 @@ cudaError_t LaunchFloatToHalf(const float* src, int64_t n, void* dst, cudaStream
 cudaError_t LaunchEmbed(const void* table, int64_t cols, const int32_t* tokens, int64_t rows,
                         float* out, cudaStream_t stream);
 
-// out = x / rms(x) * weight row by row; x, out [rows, cols], weight fp32 [cols].
-cudaError_t LaunchRmsNorm(const float* x, const float* weight, int64_t rows, int64_t cols,
-                          float eps, float* out, cudaStream_t stream);
+// out = s / rms(s) * weight row by row, where s = x, or s = x + y written to x_sum (the residual
+// add before a norm; x_sum may be x) where y is set; x, y, x_sum, out [rows, cols], weight fp32
+// [cols]. Where out_half is set, half(out) goes there too (fp16 [rows, cols]: the next MatMuls'
+// input, which then needs no conversion of its own).
+cudaError_t LaunchRmsNorm(const float* x, const float* y, float* x_sum, const float* weight,
+                          int64_t rows, int64_t cols, float eps, float* out, void* out_half,
+                          cudaStream_t stream);
 
 // Rotates the pairs of every head of x [rows, n_heads * head_dim] in place. Pair i of a head is
 // (i * step, i * step + partner); row r is at positions[r]; inv_freq has head_dim / 2 entries.
 cudaError_t LaunchRope(float* x, int64_t rows, int n_heads, int head_dim, const float* inv_freq,
                        const int32_t* positions, int step, int partner, cudaStream_t stream);
 
-// out = silu(gate) * up over n floats.
-cudaError_t LaunchSwiGlu(const float* gate, const float* up, int64_t n, float* out,
+// out = silu(gate) * up over n floats; half(out) to out_half too where set.
+cudaError_t LaunchSwiGlu(const float* gate, const float* up, int64_t n, float* out, void* out_half,
                          cudaStream_t stream);
 
 // x += y over n floats.

@@ -198,8 +198,10 @@ TEST_F(CudaBackendTest, Embed) {
 }
 
 TEST_F(CudaBackendTest, RmsNorm) {
+  // Rows held in registers as 1, 2, 4 or 8 float4s per thread (576 and 100; 2048; 4096; 8192),
+  // and the two-pass kernel (not a multiple of 4: 5, 4097; longer than 8192: 8196).
   for (int64_t rows : {1, 7, 33}) {
-    for (int64_t d : {576, 100, 4096}) {
+    for (int64_t d : {576, 100, 2048, 4096, 8192, 5, 4097, 8196}) {
       const std::vector<float> x = RandomFloats(rows * d, rng_, 3.0f);
       std::vector<float> wv = RandomFloats(d, rng_, 0.2f);
       for (float& w : wv) w += 1.0f;
@@ -215,6 +217,83 @@ TEST_F(CudaBackendTest, RmsNorm) {
       }
       EXPECT_CLOSE(out[1], out[0], d, 1e-5, absl::StrCat("RmsNorm [", rows, ", ", d, "]"));
     }
+  }
+}
+
+// AddRmsNorm (x += y, then out = RmsNorm(x)): both x and out against the CPU's Add then RmsNorm.
+TEST_F(CudaBackendTest, AddRmsNorm) {
+  for (int64_t rows : {1, 9}) {
+    for (int64_t d : {576, 4096, 4097}) {
+      const std::vector<float> x = RandomFloats(rows * d, rng_, 3.0f);
+      const std::vector<float> y = RandomFloats(rows * d, rng_);
+      std::vector<float> wv = RandomFloats(d, rng_, 0.2f);
+      for (float& w : wv) w += 1.0f;
+      const HostTensor w = MakeWeight("norm", DType::kF32, 1, d, wv, /*one_d=*/true);
+      std::vector<float> sum[2], out[2];
+      Backend* bes[2] = {cpu_.get(), gpu_.get()};
+      for (int b = 0; b < 2; ++b) {
+        auto wt = bes[b]->LoadWeight(w).value();
+        auto xt = Act(*bes[b], rows, d, x);
+        auto yt = Act(*bes[b], rows, d, y);
+        auto ot = Poisoned(*bes[b], rows, d);
+        ASSERT_TRUE(bes[b]->AddRmsNorm(*xt, *yt, *wt, 1e-5f, *ot).ok()) << bes[b]->name();
+        sum[b] = Host(*bes[b], *xt);
+        out[b] = Host(*bes[b], *ot);
+      }
+      const std::string what = absl::StrCat("AddRmsNorm [", rows, ", ", d, "]");
+      EXPECT_CLOSE(sum[1], sum[0], d, 0.0, what + " x + y");
+      EXPECT_CLOSE(out[1], out[0], d, 1e-5, what);
+    }
+  }
+}
+
+// MatMul reads the fp16 copy that RmsNorm, AddRmsNorm, SwiGlu or the MatMul before it made of
+// its input, for as long as nothing wrote the input since: after each way of writing it (an op
+// in place, a copy from the host, another op's output) the products must follow the new values.
+TEST_F(CudaBackendTest, MatMulAfterWritesToItsInput) {
+  const int64_t rows = 5, d = 96, n = 40;
+  const HostTensor w = MakeWeight("w", DType::kF16, n, d, RandomFloats(n * d, rng_));
+  const HostTensor norm = MakeWeight("norm", DType::kF32, 1, d, RandomFloats(d, rng_), true);
+  const std::vector<float> x0 = RandomFloats(rows * d, rng_), y0 = RandomFloats(rows * d, rng_);
+  const std::vector<float> z0 = RandomFloats(rows * d, rng_);
+  std::vector<int32_t> pos(rows);
+  std::iota(pos.begin(), pos.end(), 3);
+  std::vector<float> inv_freq(8);
+  for (int i = 0; i < 8; ++i) inv_freq[i] = std::pow(100.0f, -i / 8.0f);
+  std::vector<std::vector<float>> got[2];
+  Backend* bes[2] = {cpu_.get(), gpu_.get()};
+  for (int b = 0; b < 2; ++b) {
+    Backend& be = *bes[b];
+    auto wt = be.LoadWeight(w).value();
+    auto nt = be.LoadWeight(norm).value();
+    auto x = Act(be, rows, d, x0), y = Act(be, rows, d, y0);
+    auto xn = Poisoned(be, rows, d), out = Poisoned(be, rows, n);
+    const auto product = [&](const Tensor& in) {
+      ASSERT_TRUE(be.MatMul(in, *wt, *out).ok()) << be.name();
+      got[b].push_back(Host(be, *out));
+    };
+    ASSERT_TRUE(be.RmsNorm(*x, *nt, 1e-5f, *xn).ok());
+    product(*xn);
+    product(*xn);  // the same input again (as k and v after q)
+    ASSERT_TRUE(be.Add(*xn, *y).ok());
+    product(*xn);
+    ASSERT_TRUE(be.Rope(*xn, 6, 16, inv_freq, pos, RopeLayout::kHalfSplit).ok());
+    product(*xn);
+    ASSERT_TRUE(be.CopyFromHost(z0, *xn).ok());
+    product(*xn);
+    product(*y);  // another input between two products of xn
+    product(*xn);
+    ASSERT_TRUE(be.AddRmsNorm(*x, *y, *nt, 1e-5f, *xn).ok());
+    product(*xn);
+    product(*x);  // AddRmsNorm wrote x too
+    ASSERT_TRUE(be.SwiGlu(*x, *y, *xn).ok());
+    product(*xn);
+    ASSERT_TRUE(be.RmsNorm(*y, *nt, 1e-5f, *y).ok());  // in place
+    product(*y);
+  }
+  ASSERT_EQ(got[0].size(), got[1].size());
+  for (size_t i = 0; i < got[0].size(); ++i) {
+    EXPECT_CLOSE(got[1][i], got[0][i], n, 4e-3, absl::StrCat("product ", i));
   }
 }
 
