@@ -269,9 +269,9 @@ absl::StatusOr<std::unique_ptr<Tensor>> LlamaModel::ForwardToLogits(
       } else {
         RETURN_IF_ERROR(be.AddRmsNorm(*x, *proj, *L.attn_norm, c.rms_eps, *xn));
       }
-      RETURN_IF_ERROR(be.MatMul(*xn, *L.q, *q));
-      RETURN_IF_ERROR(be.MatMul(*xn, *L.k, *k));
-      RETURN_IF_ERROR(be.MatMul(*xn, *L.v, *v));
+      const Tensor* qkv_weights[] = {L.q.get(), L.k.get(), L.v.get()};
+      Tensor* const qkv[] = {q.get(), k.get(), v.get()};
+      RETURN_IF_ERROR(be.MatMuls(*xn, qkv_weights, qkv));
       RETURN_IF_ERROR(be.Rope(*q, c.n_heads, c.head_dim, im.inv_freq, positions, c.rope_layout));
       RETURN_IF_ERROR(be.Rope(*k, c.n_kv_heads, c.head_dim, im.inv_freq, positions, c.rope_layout));
       ap.layer = l;
@@ -289,8 +289,9 @@ absl::StatusOr<std::unique_ptr<Tensor>> LlamaModel::ForwardToLogits(
       RETURN_IF_ERROR(be.Attention(*q, *k, *v, slices, ap, pool, *attn));
       RETURN_IF_ERROR(be.MatMul(*attn, *L.o, *proj));
       RETURN_IF_ERROR(be.AddRmsNorm(*x, *proj, *L.ffn_norm, c.rms_eps, *xn));
-      RETURN_IF_ERROR(be.MatMul(*xn, *L.gate, *gate));
-      RETURN_IF_ERROR(be.MatMul(*xn, *L.up, *up));
+      const Tensor* gate_up_weights[] = {L.gate.get(), L.up.get()};
+      Tensor* const gate_up[] = {gate.get(), up.get()};
+      RETURN_IF_ERROR(be.MatMuls(*xn, gate_up_weights, gate_up));
       RETURN_IF_ERROR(be.SwiGlu(*gate, *up, *act));
       RETURN_IF_ERROR(be.MatMul(*act, *L.down, *proj));
     }

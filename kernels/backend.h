@@ -96,6 +96,10 @@ class Backend {
   virtual absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) = 0;
   // out[rows, w.rows] = x[rows, w.cols] · wᵀ.
   virtual absl::Status MatMul(const Tensor& x, const Tensor& w, Tensor& out) = 0;
+  // out[i] = x · w[i]ᵀ for each i, on one input (q, k and v; gate and up), which a backend may
+  // run as one batch. No two outputs may be the same tensor. The default runs MatMul for each.
+  virtual absl::Status MatMuls(const Tensor& x, absl::Span<const Tensor* const> w,
+                               absl::Span<Tensor* const> out);
   // Rotates each head of x[rows, n_heads * head_dim] in place; row i is at positions[i].
   // inv_freq has head_dim / 2 entries (scaling already applied by the engine).
   virtual absl::Status Rope(Tensor& x, int n_heads, int head_dim, absl::Span<const float> inv_freq,
@@ -107,10 +111,7 @@ class Backend {
   // x += y, then out = RmsNorm(x, weight): a residual add and the norm after it, which a backend
   // may do in one pass over x. The default runs Add, then RmsNorm.
   virtual absl::Status AddRmsNorm(Tensor& x, const Tensor& y, const Tensor& weight, float eps,
-                                  Tensor& out) {
-    if (absl::Status s = Add(x, y); !s.ok()) return s;
-    return RmsNorm(x, weight, eps, out);
-  }
+                                  Tensor& out);
 
   // A pool of num_blocks KV blocks (see KvPool); contents uninitialised.
   virtual absl::StatusOr<std::unique_ptr<KvPool>> NewKvPool(int32_t num_blocks, int32_t block_size,

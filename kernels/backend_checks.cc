@@ -97,4 +97,23 @@ absl::Status CheckGatherRows(const Tensor& x, absl::Span<const int64_t> rows, co
   return absl::OkStatus();
 }
 
+absl::Status CheckMatMulsOutputs(absl::Span<const Tensor* const> w, absl::Span<Tensor* const> out) {
+  if (w.size() != out.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MatMuls: ", w.size(), " weights for ", out.size(), " outputs"));
+  }
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (w[i] == nullptr || out[i] == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("MatMuls: no tensor at ", i));
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (out[j] == out[i]) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("MatMuls: outputs ", j, " and ", i, " are the same tensor"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace moa

@@ -23,6 +23,9 @@ struct WeightLayout {
 // bytes, data present) and flattens it: the last dimension is the row, the others multiply.
 absl::StatusOr<WeightLayout> CheckWeight(const HostTensor& t);
 
+// Backend::MatMuls' lists: as many outputs as weights, none null, no output twice.
+absl::Status CheckMatMulsOutputs(absl::Span<const Tensor* const> w, absl::Span<Tensor* const> out);
+
 // INVALID_ARGUMENT "<what> is [r, c], expected [rows, cols]" unless t has that shape.
 absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, absl::string_view what);
 

@@ -271,6 +271,8 @@ class CudaBackend : public Backend {
   absl::Status Embed(const Tensor& table, absl::Span<const int32_t> tokens, Tensor& out) override;
   absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override;
   absl::Status MatMul(const Tensor& x, const Tensor& w, Tensor& out) override;
+  absl::Status MatMuls(const Tensor& x, absl::Span<const Tensor* const> w,
+                       absl::Span<Tensor* const> out) override;
   absl::Status Rope(Tensor& x, int n_heads, int head_dim, absl::Span<const float> inv_freq,
                     absl::Span<const int32_t> positions, RopeLayout layout) override;
   absl::Status SwiGlu(const Tensor& gate, const Tensor& up, Tensor& out) override;
@@ -362,6 +364,12 @@ class CudaBackend : public Backend {
   DeviceBuffer half_x_;
   // Room for the fp16 copy of `t` (half_x_, or step scratch), noted in half_copy_ as t's.
   absl::StatusOr<void*> HalfCopyRoom(const CudaTensor& t);
+  // x in fp16, as a MatMul reads it: the copy noted in half_copy_, else converted now.
+  absl::StatusOr<const void*> HalfInput(const CudaTensor& x);
+  // out[i] = x · w[i]ᵀ for i in `which`, fp16 weights of one shape, as one cuBLAS batch.
+  absl::Status BatchedMatMul(const CudaTensor& x, absl::Span<const Tensor* const> w,
+                             absl::Span<Tensor* const> out, absl::Span<const size_t> which);
+  UploadBuffer up_ptrs_;  // BatchedMatMul's pointer arrays
   absl::Status NormOp(int op, const CudaTensor& x, const CudaTensor* y, CudaTensor* x_sum,
                       const Tensor& weight, float eps, Tensor& out);
   // Per-call metadata: Rope's frequencies and positions, Embed's tokens.
@@ -614,16 +622,7 @@ absl::Status CudaBackend::MatMul(const Tensor& x, const Tensor& w, Tensor& out) 
   cudaDataType_t ab_type = CUDA_R_32F;
   if (wc->is_half()) {
     ab_type = CUDA_R_16F;
-    if (half_copy_.tensor == xc->id() && half_copy_.writes == xc->writes()) {
-      b = half_copy_.data;  // made by the operation that wrote x, or by the MatMul before
-    } else {
-      ASSIGN_OR_RETURN(void* half, HalfCopyRoom(*xc));
-      b = half;
-      if (graphs_.launching()) {
-        RETURN_IF_ERROR(CudaError(cuda::LaunchFloatToHalf(xc->f32(), t_rows * k, half, stream_),
-                                  "MatMul input to fp16"));
-      }
-    }
+    ASSIGN_OR_RETURN(b, HalfInput(*xc));
   }
   RETURN_IF_ERROR(StepOp(3, xc->data(), wc->data(), b, o->data(), t_rows, k, n, ab_type));
   if (!graphs_.launching()) return absl::OkStatus();  // a replay: staged only
@@ -634,6 +633,92 @@ absl::Status CudaBackend::MatMul(const Tensor& x, const Tensor& w, Tensor& out) 
                    ab_type, static_cast<int>(k), &beta, o->data(), CUDA_R_32F, static_cast<int>(n),
                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
       absl::StrCat("MatMul [", t_rows, ", ", k, "] x [", n, ", ", k, "]"));
+}
+
+absl::StatusOr<const void*> CudaBackend::HalfInput(const CudaTensor& x) {
+  if (half_copy_.tensor == x.id() && half_copy_.writes == x.writes()) {
+    return half_copy_.data;  // made by the operation that wrote x, or by the MatMul before
+  }
+  ASSIGN_OR_RETURN(void* half, HalfCopyRoom(x));
+  if (graphs_.launching()) {
+    RETURN_IF_ERROR(CudaError(cuda::LaunchFloatToHalf(x.f32(), x.rows() * x.cols(), half, stream_),
+                              "MatMul input to fp16"));
+  }
+  return half;
+}
+
+// fp16 weights of one shape go to cuBLAS as one batch: q, k and v of a Llama-2-7B layer (4096 x
+// 4096 each) take one launch with three times the thread blocks, where three launches each
+// left SMs idle (docs/benchmarks-gpu-e2e.md). The rest run as MatMul.
+absl::Status CudaBackend::MatMuls(const Tensor& x, absl::Span<const Tensor* const> w,
+                                  absl::Span<Tensor* const> out) {
+  RETURN_IF_ERROR(CheckMatMulsOutputs(w, out));
+  ASSIGN_OR_RETURN(const CudaTensor* xc, AsActivation(x, "MatMul input"));
+  std::vector<bool> done(w.size(), false);
+  for (size_t i = 0; i < w.size(); ++i) {
+    if (done[i]) continue;
+    ASSIGN_OR_RETURN(const CudaTensor* wi, AsCuda(*w[i], "MatMul weight"));
+    std::vector<size_t> same = {i};
+    for (size_t j = i + 1; j < w.size() && wi->is_half(); ++j) {
+      ASSIGN_OR_RETURN(const CudaTensor* wj, AsCuda(*w[j], "MatMul weight"));
+      if (!done[j] && wj->is_half() && wj->rows() == wi->rows() && wj->cols() == wi->cols()) {
+        same.push_back(j);
+      }
+    }
+    for (size_t j : same) done[j] = true;
+    if (same.size() == 1) {
+      RETURN_IF_ERROR(MatMul(x, *w[i], *out[i]));
+    } else {
+      RETURN_IF_ERROR(BatchedMatMul(*xc, w, out, same));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::BatchedMatMul(const CudaTensor& x, absl::Span<const Tensor* const> w,
+                                        absl::Span<Tensor* const> out,
+                                        absl::Span<const size_t> which) {
+  const int64_t rows = x.rows(), k = x.cols();
+  const size_t g = which.size();
+  // The pointer arrays cuBLAS reads on the device: all weights, then the input g times, then
+  // all outputs.
+  std::vector<const void*> ptrs(3 * g);
+  int64_t n = 0;
+  for (size_t j = 0; j < g; ++j) {
+    ASSIGN_OR_RETURN(const CudaTensor* wc, AsCuda(*w[which[j]], "MatMul weight"));
+    ASSIGN_OR_RETURN(CudaTensor * o, AsActivation(*out[which[j]], "MatMul output"));
+    n = wc->rows();
+    if (wc->cols() != k) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("MatMul: input has ", k, " columns, weight ", wc->cols()));
+    }
+    RETURN_IF_ERROR(CheckShape(*o, rows, n, "MatMul output"));
+    if (o == &x) return absl::InvalidArgumentError("MatMul: output aliases the input");
+    ptrs[j] = wc->data();
+    ptrs[2 * g + j] = o->data();
+  }
+  constexpr int64_t kMaxDim = std::numeric_limits<int>::max();
+  if (rows > kMaxDim || k > kMaxDim || n > kMaxDim) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MatMul: [", rows, ", ", k, "] x [", n, ", ", k, "] is too large"));
+  }
+  if (rows == 0) return absl::OkStatus();
+  ASSIGN_OR_RETURN(const void* b, HalfInput(x));
+  for (size_t j = 0; j < g; ++j) ptrs[g + j] = b;
+  ASSIGN_OR_RETURN(const void* const* d_ptrs,
+                   Upload(up_ptrs_, absl::MakeConstSpan(ptrs), "MatMul pointer arrays"));
+  for (size_t j = 0; j < g; ++j) {
+    RETURN_IF_ERROR(StepOp(9, x.data(), ptrs[j], b, ptrs[2 * g + j], rows, k, n, g, d_ptrs));
+  }
+  if (!graphs_.launching()) return absl::OkStatus();  // a replay: staged only
+  const float alpha = 1.0f, beta = 0.0f;
+  return CublasError(
+      cublasGemmBatchedEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),
+                          static_cast<int>(rows), static_cast<int>(k), &alpha, d_ptrs, CUDA_R_16F,
+                          static_cast<int>(k), d_ptrs + g, CUDA_R_16F, static_cast<int>(k), &beta,
+                          const_cast<void* const*>(d_ptrs + 2 * g), CUDA_R_32F, static_cast<int>(n),
+                          static_cast<int>(g), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      absl::StrCat("MatMul x", g, " [", rows, ", ", k, "] x [", n, ", ", k, "]"));
 }
 
 absl::Status CudaBackend::Rope(Tensor& x, int n_heads, int head_dim,
@@ -1043,10 +1128,16 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
   const int32_t* d_data = arena;
   const cuda::DevicePool dpool = kv->device();
   if (n_dec > 0) RETURN_IF_ERROR(EnsureDecodeWorkspace(hd, group, n_dec * n_kv));
+  // Where the decode kernel writes every row (no prefill rows), it writes the fp16 copy of the
+  // output that the output projection reads (HalfCopy) as well.
+  void* out_half = nullptr;
+  if (n_pf == 0 && n_dec > 0) {
+    ASSIGN_OR_RETURN(out_half, HalfCopyRoom(*oc));
+  }
   RETURN_IF_ERROR(StepOp(7, qc->data(), kc->data(), vc->data(), oc->data(), dpool.data,
                          dpool.num_blocks, dpool.block_size, hd, p.n_heads, n_kv, p.scale,
                          p.span.sink, rows, n_dec, n_pf, max_n_new, dev, decode_ws_.get(),
-                         decode_cfg_.grid));
+                         decode_cfg_.grid, out_half));
   if (!graphs_.launching()) return absl::OkStatus();  // a replay: staged only
 
   // Keys and values first: each new row attends to the earlier new rows (same stream: ordered).
@@ -1077,6 +1168,7 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
     d.seq_len = dev_at(o_dec_len, static_cast<const int32_t*>(nullptr));
     d.rules = dev_at(o_head_rules, static_cast<const cuda::DeviceSpanRule*>(nullptr));
     d.sink = clamp32(p.span.sink);
+    d.out_half = static_cast<__half*>(out_half);
     RETURN_IF_ERROR(
         CudaError(cuda::LaunchDecodeAttention(d, dpool, decode_cfg_, decode_ws_.get(), stream_),
                   "Attention (decode)"));

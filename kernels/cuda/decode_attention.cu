@@ -602,11 +602,12 @@ __device__ void TensorSplit(const DecodeAttentionArgs& a, const DevicePool& pool
   }
 }
 
-// The block's result for pair p from the warps' states: written out if the block holds all of
-// the pair, else published as partial `slot`; the last block in merges the pair's partials.
+// The block's result for pair p from the warps' states: written out (to orow, and its fp16
+// rounding to hrow where set) if the block holds all of the pair, else published as partial
+// `slot`; the last block in merges the pair's partials.
 template <int HD, int G>
-__device__ void FinishPair(const WarpStates& st, const Workspace& w, float* orow, int p, int slot,
-                           int first_block, int n_parts) {
+__device__ void FinishPair(const WarpStates& st, const Workspace& w, float* orow, __half* hrow,
+                           int p, int slot, int first_block, int n_parts) {
   __shared__ int last;
   const int tid = static_cast<int>(threadIdx.x);
   for (int i = tid; i < G * HD; i += kThreads) {
@@ -625,6 +626,7 @@ __device__ void FinishPair(const WarpStates& st, const Workspace& w, float* orow
     }
     if (n_parts == 1) {
       orow[i] = sum > 0.0f ? o / sum : 0.0f;
+      if (hrow != nullptr) hrow[i] = __float2half_rn(orow[i]);
     } else {
       w.o_part[static_cast<int64_t>(slot) * G * HD + i] = o;
       if (i % HD == 0) {
@@ -689,10 +691,17 @@ __device__ void FinishPair(const WarpStates& st, const Workspace& w, float* orow
       mx = mn;
     }
     const auto norm = [l](float x) { return l > 0.0f ? x / l : 0.0f; };
-    orow[4 * i4] = norm(o.x);
-    orow[4 * i4 + 1] = norm(o.y);
-    orow[4 * i4 + 2] = norm(o.z);
-    orow[4 * i4 + 3] = norm(o.w);
+    const float4 y = make_float4(norm(o.x), norm(o.y), norm(o.z), norm(o.w));
+    orow[4 * i4] = y.x;
+    orow[4 * i4 + 1] = y.y;
+    orow[4 * i4 + 2] = y.z;
+    orow[4 * i4 + 3] = y.w;
+    if (hrow != nullptr) {
+      hrow[4 * i4] = __float2half_rn(y.x);
+      hrow[4 * i4 + 1] = __float2half_rn(y.y);
+      hrow[4 * i4 + 2] = __float2half_rn(y.z);
+      hrow[4 * i4 + 3] = __float2half_rn(y.w);
+    }
   }
   if (tid == 0) w.count[p] = 0;  // ready for the next launch
 }
@@ -751,6 +760,9 @@ __global__ void __launch_bounds__(kThreads)
     if (n == 0 && p % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x)) {
       float* out = a.out + pair_offset(p);
       for (int i = 0; i < G * HD; ++i) out[i] = 0.0f;
+      if (a.out_half != nullptr) {
+        for (int i = 0; i < G * HD; ++i) a.out_half[pair_offset(p) + i] = __float2half_rn(0.0f);
+      }
     }
   }
   long long total = 0;
@@ -797,8 +809,9 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     const int first_block = static_cast<int>(p0 / per_block);
     const int n_parts = static_cast<int>((p1 - 1) / per_block) - first_block + 1;
-    FinishPair<HD, G>(st, w, a.out + pair_offset(p), p, static_cast<int>(blockIdx.x) + p,
-                      first_block, n_parts);
+    FinishPair<HD, G>(st, w, a.out + pair_offset(p),
+                      a.out_half != nullptr ? a.out_half + pair_offset(p) : nullptr, p,
+                      static_cast<int>(blockIdx.x) + p, first_block, n_parts);
     __syncthreads();  // the split area, the states and FinishPair's shared are reused
   }
 }

@@ -56,6 +56,8 @@ struct DecodeAttentionArgs {
   // win_begin unused), so that the host sends no per-pair windows every step.
   const DeviceSpanRule* rules;
   int32_t sink;
+  // Where not null: out's fp16 rounding too, same layout (the output projection's input).
+  __half* out_half = nullptr;
 };
 
 enum class DecodeAttentionVariant {

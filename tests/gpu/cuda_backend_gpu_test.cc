@@ -220,6 +220,46 @@ TEST_F(CudaBackendTest, RmsNorm) {
   }
 }
 
+// MatMuls: weights of one shape run as one cuBLAS batch (here q-, k- and v-like weights of a GQA
+// layer: two of one shape, one of another, in an order that interleaves them), each output
+// against the CPU; an output given twice is refused by both backends alike.
+TEST_F(CudaBackendTest, MatMulsMatchesMatMul) {
+  const int64_t k = 96;
+  const int64_t ns[] = {40, 24, 40, 24, 7};
+  for (const int64_t rows : {int64_t{1}, int64_t{13}}) {
+    const std::vector<float> x = RandomFloats(rows * k, rng_);
+    std::vector<HostTensor> ws;
+    for (const int64_t n : ns)
+      ws.push_back(MakeWeight("w", DType::kF16, n, k, RandomFloats(n * k, rng_)));
+    std::vector<std::vector<float>> got[2];
+    absl::Status twice[2];
+    Backend* bes[2] = {cpu_.get(), gpu_.get()};
+    for (int b = 0; b < 2; ++b) {
+      Backend& be = *bes[b];
+      auto xt = Act(be, rows, k, x);
+      std::vector<std::unique_ptr<Tensor>> wt, ot;
+      std::vector<const Tensor*> wp;
+      std::vector<Tensor*> op;
+      for (size_t i = 0; i < ws.size(); ++i) {
+        wt.push_back(be.LoadWeight(ws[i]).value());
+        ot.push_back(Poisoned(be, rows, ns[i]));
+        wp.push_back(wt.back().get());
+        op.push_back(ot.back().get());
+      }
+      const absl::Status s = be.MatMuls(*xt, wp, op);
+      ASSERT_TRUE(s.ok()) << be.name() << ": " << s;
+      for (const auto& o : ot) got[b].push_back(Host(be, *o));
+      op[2] = op[0];
+      twice[b] = be.MatMuls(*xt, wp, op);
+    }
+    for (size_t i = 0; i < ws.size(); ++i) {
+      EXPECT_CLOSE(got[1][i], got[0][i], ns[i], 4e-3, absl::StrCat("MatMuls output ", i));
+    }
+    EXPECT_FALSE(twice[1].ok());
+    EXPECT_EQ(twice[1], twice[0]);
+  }
+}
+
 // AddRmsNorm (x += y, then out = RmsNorm(x)): both x and out against the CPU's Add then RmsNorm.
 TEST_F(CudaBackendTest, AddRmsNorm) {
   for (int64_t rows : {1, 9}) {
@@ -289,6 +329,16 @@ TEST_F(CudaBackendTest, MatMulAfterWritesToItsInput) {
     ASSERT_TRUE(be.SwiGlu(*x, *y, *xn).ok());
     product(*xn);
     ASSERT_TRUE(be.RmsNorm(*y, *nt, 1e-5f, *y).ok());  // in place
+    product(*y);
+    ASSERT_TRUE(be.Add(*y, *x).ok());
+    {  // a batch of two products of y (MatMuls), then one more of y alone
+      auto out2 = Poisoned(be, rows, n);
+      const Tensor* both_w[] = {wt.get(), wt.get()};
+      Tensor* const both[] = {out.get(), out2.get()};
+      ASSERT_TRUE(be.MatMuls(*y, both_w, both).ok()) << be.name();
+      got[b].push_back(Host(be, *out));
+      got[b].push_back(Host(be, *out2));
+    }
     product(*y);
   }
   ASSERT_EQ(got[0].size(), got[1].size());

@@ -169,11 +169,15 @@ void RunCase(const Case& c) {
 
   DeviceBuffer<__half> d_pool;
   DeviceBuffer<float> d_q, d_out;
+  DeviceBuffer<__half> d_half;
   DeviceBuffer<int64_t> d_begin;
   DeviceBuffer<int32_t> d_len, d_data, d_sink, d_win, d_seq, d_row;
   CUDA_OK(d_pool.Upload(pool));
   CUDA_OK(d_q.Upload(q));
   CUDA_OK(d_out.Upload(std::vector<float>(q.size(), NAN)));  // poison
+  const __half half_nan = __ushort_as_half(0x7e00);
+  const std::vector<__half> half_poison(q.size(), half_nan);
+  CUDA_OK(d_half.Upload(half_poison));
   CUDA_OK(d_row.Upload(row_of));
   CUDA_OK(d_begin.Upload(packed.begin));
   CUDA_OK(d_len.Upload(packed.len));
@@ -199,10 +203,17 @@ void RunCase(const Case& c) {
     CUDA_OK(cudaMalloc(&d_ws.ptr, cfg.workspace_bytes));
     CUDA_OK(InitDecodeAttentionWorkspace(cfg, d_ws.ptr, nullptr));
     for (int run = 0; run < 2; ++run) {
-      SCOPED_TRACE(run == 0 ? "first run" : "second run on the same workspace");
+      // The second run also writes the fp16 copy of the output.
+      SCOPED_TRACE(run == 0 ? "first run" : "second run on the same workspace, with out_half");
       CUDA_OK(cudaMemcpy(d_out.ptr, std::vector<float>(q.size(), NAN).data(),
                          q.size() * sizeof(float), cudaMemcpyHostToDevice));
-      CUDA_OK(LaunchDecodeAttention(args, dpool, cfg, d_ws.ptr, nullptr));
+      DecodeAttentionArgs run_args = args;
+      if (run == 1) {
+        CUDA_OK(cudaMemcpy(d_half.ptr, half_poison.data(), q.size() * sizeof(__half),
+                           cudaMemcpyHostToDevice));
+        run_args.out_half = d_half.ptr;
+      }
+      CUDA_OK(LaunchDecodeAttention(run_args, dpool, cfg, d_ws.ptr, nullptr));
       CUDA_OK(cudaDeviceSynchronize());
       std::vector<float> got(q.size());
       CUDA_OK(
@@ -226,6 +237,16 @@ void RunCase(const Case& c) {
           << "max |diff| " << worst << " at row " << at / (n_heads * hd) << " head "
           << at % (n_heads * hd) / hd << " dim " << at % hd << ": gpu " << got[at] << ", ref "
           << want[at];
+      if (run == 1) {  // each written output's fp16 rounding; rows of no sequence untouched
+        std::vector<__half> halves(q.size());
+        CUDA_OK(cudaMemcpy(halves.data(), d_half.ptr, halves.size() * sizeof(__half),
+                           cudaMemcpyDeviceToHost));
+        for (size_t i = 0; i < got.size(); ++i) {
+          const uint16_t want_bits =
+              __half_as_ushort(std::isnan(want[i]) ? half_nan : __float2half_rn(got[i]));
+          ASSERT_EQ(__half_as_ushort(halves[i]), want_bits) << "fp16 copy of output " << i;
+        }
+      }
     }
   }
 }

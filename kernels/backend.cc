@@ -1,0 +1,25 @@
+// Default implementations of the Backend operations a backend may override to run faster.
+#include "kernels/backend.h"
+
+#include <cstddef>
+
+#include "absl/status/status.h"
+#include "kernels/backend_checks.h"
+#include "kernels/status_macros.h"
+
+namespace moa {
+
+absl::Status Backend::AddRmsNorm(Tensor& x, const Tensor& y, const Tensor& weight, float eps,
+                                 Tensor& out) {
+  RETURN_IF_ERROR(Add(x, y));
+  return RmsNorm(x, weight, eps, out);
+}
+
+absl::Status Backend::MatMuls(const Tensor& x, absl::Span<const Tensor* const> w,
+                              absl::Span<Tensor* const> out) {
+  RETURN_IF_ERROR(CheckMatMulsOutputs(w, out));
+  for (size_t i = 0; i < w.size(); ++i) RETURN_IF_ERROR(MatMul(x, *w[i], *out[i]));
+  return absl::OkStatus();
+}
+
+}  // namespace moa
