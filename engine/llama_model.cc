@@ -272,8 +272,8 @@ absl::StatusOr<std::unique_ptr<Tensor>> LlamaModel::ForwardToLogits(
       const Tensor* qkv_weights[] = {L.q.get(), L.k.get(), L.v.get()};
       Tensor* const qkv[] = {q.get(), k.get(), v.get()};
       RETURN_IF_ERROR(be.MatMuls(*xn, qkv_weights, qkv));
-      RETURN_IF_ERROR(be.Rope(*q, c.n_heads, c.head_dim, im.inv_freq, positions, c.rope_layout));
-      RETURN_IF_ERROR(be.Rope(*k, c.n_kv_heads, c.head_dim, im.inv_freq, positions, c.rope_layout));
+      RETURN_IF_ERROR(be.RopeQK(*q, c.n_heads, *k, c.n_kv_heads, c.head_dim, im.inv_freq, positions,
+                                c.rope_layout));
       ap.layer = l;
       for (size_t s = 0; s < n_seqs; ++s) {
         if (!kv.LayerTables(batch[s].seq, l, absl::MakeSpan(layer_tables))) {

@@ -9,6 +9,13 @@
 
 namespace moa {
 
+absl::Status Backend::RopeQK(Tensor& q, int n_heads, Tensor& k, int n_kv_heads, int head_dim,
+                             absl::Span<const float> inv_freq, absl::Span<const int32_t> positions,
+                             RopeLayout layout) {
+  RETURN_IF_ERROR(Rope(q, n_heads, head_dim, inv_freq, positions, layout));
+  return Rope(k, n_kv_heads, head_dim, inv_freq, positions, layout);
+}
+
 absl::Status Backend::AddRmsNorm(Tensor& x, const Tensor& y, const Tensor& weight, float eps,
                                  Tensor& out) {
   RETURN_IF_ERROR(Add(x, y));

@@ -104,6 +104,12 @@ class Backend {
   // inv_freq has head_dim / 2 entries (scaling already applied by the engine).
   virtual absl::Status Rope(Tensor& x, int n_heads, int head_dim, absl::Span<const float> inv_freq,
                             absl::Span<const int32_t> positions, RopeLayout layout) = 0;
+  // Rope on q [rows, n_heads * head_dim] and on k [rows, n_kv_heads * head_dim] with the same
+  // positions, frequencies and layout, which a backend may do in one pass. The default runs Rope
+  // on q, then on k.
+  virtual absl::Status RopeQK(Tensor& q, int n_heads, Tensor& k, int n_kv_heads, int head_dim,
+                              absl::Span<const float> inv_freq, absl::Span<const int32_t> positions,
+                              RopeLayout layout);
   // out = silu(gate) * up.
   virtual absl::Status SwiGlu(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
   // x += y.

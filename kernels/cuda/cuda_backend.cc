@@ -275,6 +275,9 @@ class CudaBackend : public Backend {
                        absl::Span<Tensor* const> out) override;
   absl::Status Rope(Tensor& x, int n_heads, int head_dim, absl::Span<const float> inv_freq,
                     absl::Span<const int32_t> positions, RopeLayout layout) override;
+  absl::Status RopeQK(Tensor& q, int n_heads, Tensor& k, int n_kv_heads, int head_dim,
+                      absl::Span<const float> inv_freq, absl::Span<const int32_t> positions,
+                      RopeLayout layout) override;
   absl::Status SwiGlu(const Tensor& gate, const Tensor& up, Tensor& out) override;
   absl::Status Add(Tensor& x, const Tensor& y) override;
   absl::Status AddRmsNorm(Tensor& x, const Tensor& y, const Tensor& weight, float eps,
@@ -372,8 +375,20 @@ class CudaBackend : public Backend {
   UploadBuffer up_ptrs_;  // BatchedMatMul's pointer arrays
   absl::Status NormOp(int op, const CudaTensor& x, const CudaTensor* y, CudaTensor* x_sum,
                       const Tensor& weight, float eps, Tensor& out);
-  // Per-call metadata: Rope's frequencies and positions, Embed's tokens.
+  // Per-call metadata: Rope's frequencies and positions in a replayable step, Embed's tokens.
   UploadBuffer up_a_, up_b_;
+  absl::Status RopeOp(CudaTensor& x, int x_heads, CudaTensor* y, int y_heads, int head_dim,
+                      absl::Span<const float> inv_freq, absl::Span<const int32_t> positions,
+                      RopeLayout layout);
+  // Outside replayable steps: Rope's inputs as last uploaded (to rope_freq_, rope_pos_).
+  struct RopeInputs {
+    std::vector<float> freq;
+    std::vector<int32_t> pos;
+    const float* d_freq = nullptr;
+    const int32_t* d_pos = nullptr;
+  };
+  RopeInputs rope_inputs_;
+  UploadBuffer rope_freq_, rope_pos_;
   // Attention: per-call metadata packed on the host and uploaded in one copy (the vectors are
   // kept to reuse their memory), and the decode kernel's configuration and workspace.
   absl::Status EnsureDecodeWorkspace(int head_dim, int group, int pairs);
@@ -725,28 +740,70 @@ absl::Status CudaBackend::Rope(Tensor& x, int n_heads, int head_dim,
                                absl::Span<const float> inv_freq,
                                absl::Span<const int32_t> positions, RopeLayout layout) {
   ASSIGN_OR_RETURN(CudaTensor * xc, AsActivation(x, "Rope input"));
-  if (n_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0 ||
-      xc->cols() != int64_t{n_heads} * head_dim) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("Rope: ", n_heads, " heads of ", head_dim, " on ", xc->cols(), " columns"));
-  }
-  const int half = head_dim / 2;
-  if (static_cast<int>(inv_freq.size()) != half ||
-      static_cast<int64_t>(positions.size()) != xc->rows()) {
-    return absl::InvalidArgumentError(absl::StrCat("Rope: ", inv_freq.size(), " frequencies and ",
-                                                   positions.size(), " positions for ", xc->rows(),
-                                                   " rows"));
+  return RopeOp(*xc, n_heads, nullptr, 0, head_dim, inv_freq, positions, layout);
+}
+
+absl::Status CudaBackend::RopeQK(Tensor& q, int n_heads, Tensor& k, int n_kv_heads, int head_dim,
+                                 absl::Span<const float> inv_freq,
+                                 absl::Span<const int32_t> positions, RopeLayout layout) {
+  ASSIGN_OR_RETURN(CudaTensor * qc, AsActivation(q, "Rope input"));
+  ASSIGN_OR_RETURN(CudaTensor * kc, AsActivation(k, "Rope input"));
+  if (qc == kc) return absl::InvalidArgumentError("RopeQK: q and k are the same tensor");
+  return RopeOp(*qc, n_heads, kc, n_kv_heads, head_dim, inv_freq, positions, layout);
+}
+
+// Rope on x and, where set, on y (RopeQK), in one launch; each checked as Rope checks it.
+absl::Status CudaBackend::RopeOp(CudaTensor& x, int x_heads, CudaTensor* y, int y_heads,
+                                 int head_dim, absl::Span<const float> inv_freq,
+                                 absl::Span<const int32_t> positions, RopeLayout layout) {
+  for (const auto& [t, n_heads] : {std::pair{&x, x_heads}, std::pair{y, y_heads}}) {
+    if (t == nullptr) continue;
+    if (n_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0 ||
+        t->cols() != int64_t{n_heads} * head_dim) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Rope: ", n_heads, " heads of ", head_dim, " on ", t->cols(), " columns"));
+    }
+    if (static_cast<int>(inv_freq.size()) != head_dim / 2 ||
+        static_cast<int64_t>(positions.size()) != t->rows()) {
+      return absl::InvalidArgumentError(absl::StrCat("Rope: ", inv_freq.size(), " frequencies and ",
+                                                     positions.size(), " positions for ", t->rows(),
+                                                     " rows"));
+    }
   }
   if (positions.empty()) return absl::OkStatus();
+  const int half = head_dim / 2;
   const int step = layout == RopeLayout::kHalfSplit ? 1 : 2;
   const int partner = layout == RopeLayout::kHalfSplit ? half : 1;
-  ASSIGN_OR_RETURN(const float* d_freq, Upload(up_a_, inv_freq, "Rope frequencies"));
-  ASSIGN_OR_RETURN(const int32_t* d_pos, Upload(up_b_, positions, "Rope positions"));
+  const float* d_freq = nullptr;
+  const int32_t* d_pos = nullptr;
+  if (graphs_.in_step()) {
+    ASSIGN_OR_RETURN(d_freq, Upload(up_a_, inv_freq, "Rope frequencies"));
+    ASSIGN_OR_RETURN(d_pos, Upload(up_b_, positions, "Rope positions"));
+  } else {
+    // Every layer of a step rotates by the same frequencies and positions. Outside a replayable
+    // step each upload is a copy the stream waits for between two kernels, so they are sent
+    // once and reused while the host's values stay the same.
+    RopeInputs& c = rope_inputs_;
+    if (c.d_freq == nullptr ||
+        !std::equal(inv_freq.begin(), inv_freq.end(), c.freq.begin(), c.freq.end())) {
+      ASSIGN_OR_RETURN(c.d_freq, rope_freq_.Upload(inv_freq, stream_, "Rope frequencies"));
+      c.freq.assign(inv_freq.begin(), inv_freq.end());
+    }
+    if (c.d_pos == nullptr ||
+        !std::equal(positions.begin(), positions.end(), c.pos.begin(), c.pos.end())) {
+      ASSIGN_OR_RETURN(c.d_pos, rope_pos_.Upload(positions, stream_, "Rope positions"));
+      c.pos.assign(positions.begin(), positions.end());
+    }
+    d_freq = c.d_freq;
+    d_pos = c.d_pos;
+  }
+  float* yd = y != nullptr ? y->f32() : nullptr;
+  const int yh = y != nullptr ? y_heads : 0;
   RETURN_IF_ERROR(
-      StepOp(4, xc->data(), xc->rows(), n_heads, head_dim, d_freq, d_pos, step, partner));
+      StepOp(4, x.data(), x.rows(), x_heads, yd, yh, head_dim, d_freq, d_pos, step, partner));
   if (!graphs_.launching()) return absl::OkStatus();  // a replay: staged only
-  return CudaError(cuda::LaunchRope(xc->f32(), xc->rows(), n_heads, head_dim, d_freq, d_pos, step,
-                                    partner, stream_),
+  return CudaError(cuda::LaunchRope(x.f32(), x_heads, yd, yh, x.rows(), head_dim, d_freq, d_pos,
+                                    step, partner, stream_),
                    "Rope");
 }
 

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/grid.h"
 #include "kernels/cuda/prefill_attention.h"
 #include "kernels/cuda/span_rule.cuh"
@@ -13,12 +14,16 @@
 namespace moa::cuda {
 namespace {
 
+// The kernels of a decode step are launched with LaunchDependent and so begin with
+// WaitForPriorGrid (kernels/cuda/dependent_launch.cuh).
+
 __device__ int64_t GlobalIndex() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 __device__ int64_t GlobalStride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
 
 __global__ void FloatToHalfKernel(const float* src, int64_t n, __half* dst) {
+  WaitForPriorGrid();
   for (int64_t i = GlobalIndex(); i < n; i += GlobalStride()) dst[i] = __float2half_rn(src[i]);
 }
 
@@ -54,6 +59,7 @@ template <int V>
 __global__ void __launch_bounds__(kNormThreads)
     RmsNormVecKernel(const float* x, const float* y, float* x_sum, const float* w, int64_t cols,
                      float eps, float* out, __half* out_half) {
+  WaitForPriorGrid();
   const int64_t base = static_cast<int64_t>(blockIdx.x) * cols;
   const int n4 = static_cast<int>(cols / 4);
   const float4* x4 = reinterpret_cast<const float4*>(x + base);
@@ -102,6 +108,7 @@ __global__ void __launch_bounds__(kNormThreads)
 __global__ void __launch_bounds__(kNormThreads)
     RmsNormKernel(const float* x, const float* y, float* x_sum, const float* w, int64_t cols,
                   float eps, float* out, __half* out_half) {
+  WaitForPriorGrid();
   const int64_t base = static_cast<int64_t>(blockIdx.x) * cols;
   const float* in = y != nullptr ? x_sum + base : x + base;
   float ss = 0.0f;
@@ -121,18 +128,24 @@ __global__ void __launch_bounds__(kNormThreads)
   }
 }
 
-__global__ void RopeKernel(float* x, int64_t rows, int n_heads, int head_dim, const float* inv_freq,
-                           const int32_t* positions, int step, int partner) {
+// x's pairs first, then y's (y may be null, y_heads 0).
+__global__ void RopeKernel(float* x, int x_heads, float* y, int y_heads, int64_t rows, int head_dim,
+                           const float* inv_freq, const int32_t* positions, int step, int partner) {
+  WaitForPriorGrid();
   const int half = head_dim / 2;
-  const int64_t n = rows * n_heads * half;
+  const int64_t nx = rows * x_heads * half;
+  const int64_t n = nx + rows * y_heads * half;
   for (int64_t t = GlobalIndex(); t < n; t += GlobalStride()) {
-    const int i = static_cast<int>(t % half);
-    const int64_t rh = t / half;  // row * n_heads + head
+    const bool in_x = t < nx;
+    const int64_t u = in_x ? t : t - nx;
+    const int n_heads = in_x ? x_heads : y_heads;
+    const int i = static_cast<int>(u % half);
+    const int64_t rh = u / half;  // row * n_heads + head
     // The angle in float, rounded once, as the CPU computes it (no fused multiply).
     const float angle = __fmul_rn(static_cast<float>(positions[rh / n_heads]), inv_freq[i]);
     float sn, cs;
     sincosf(angle, &sn, &cs);
-    float* head = x + rh * head_dim;
+    float* head = (in_x ? x : y) + rh * head_dim;
     const float a0 = head[i * step], b0 = head[i * step + partner];
     head[i * step] = a0 * cs - b0 * sn;
     head[i * step + partner] = a0 * sn + b0 * cs;
@@ -144,6 +157,7 @@ __device__ float Silu(float g) { return g / (1.0f + expf(-g)); }
 // Four elements a thread, as float4s (n a multiple of 4, all pointers 16-byte aligned).
 __global__ void SwiGluVecKernel(const float4* gate, const float4* up, int64_t n4, float4* out,
                                 uint2* out_half) {
+  WaitForPriorGrid();
   for (int64_t i = GlobalIndex(); i < n4; i += GlobalStride()) {
     const float4 g = gate[i], u = up[i];
     const float4 o =
@@ -159,6 +173,7 @@ __global__ void SwiGluVecKernel(const float4* gate, const float4* up, int64_t n4
 
 __global__ void SwiGluKernel(const float* gate, const float* up, int64_t n, float* out,
                              __half* out_half) {
+  WaitForPriorGrid();
   for (int64_t i = GlobalIndex(); i < n; i += GlobalStride()) {
     const float o = Silu(gate[i]) * up[i];
     out[i] = o;
@@ -167,6 +182,7 @@ __global__ void SwiGluKernel(const float* gate, const float* up, int64_t n, floa
 }
 
 __global__ void AddKernel(float* x, const float* y, int64_t n) {
+  WaitForPriorGrid();
   for (int64_t i = GlobalIndex(); i < n; i += GlobalStride()) x[i] += y[i];
 }
 
@@ -188,6 +204,7 @@ __device__ int32_t BlockOf(const Args& a, const DevicePool& p, int64_t t, int64_
 }
 
 __global__ void KvWriteKernel(DeviceAttention a, DevicePool p) {
+  WaitForPriorGrid();
   const int hd = p.head_dim;
   const int64_t n = a.rows * a.n_kv_heads * hd;
   const int64_t value_offset = static_cast<int64_t>(p.num_blocks) * p.block_size * hd;
@@ -311,8 +328,8 @@ __global__ void AttentionKernel(PrefillAttentionArgs a, DevicePool p) {
 }  // namespace
 
 cudaError_t LaunchFloatToHalf(const float* src, int64_t n, void* dst, cudaStream_t stream) {
-  FloatToHalfKernel<<<GridFor(n), kThreads, 0, stream>>>(src, n, static_cast<__half*>(dst));
-  return cudaGetLastError();
+  return LaunchDependent(FloatToHalfKernel, GridFor(n), kThreads, 0, stream, src, n,
+                         static_cast<__half*>(dst));
 }
 
 cudaError_t LaunchEmbed(const void* table, int64_t cols, const int32_t* tokens, int64_t rows,
@@ -333,50 +350,53 @@ cudaError_t LaunchRmsNorm(const float* x, const float* y, float* x_sum, const fl
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   if (cols % 4 != 0 || vecs > kNormMaxVec || !aligned(x) || !aligned(y) || !aligned(x_sum) ||
       !aligned(weight) || !aligned(out) || !aligned(out_half)) {
-    RmsNormKernel<<<grid, kNormThreads, 0, stream>>>(x, y, x_sum, weight, cols, eps, out, h);
-  } else if (vecs <= 1) {
-    RmsNormVecKernel<1><<<grid, kNormThreads, 0, stream>>>(x, y, x_sum, weight, cols, eps, out, h);
-  } else if (vecs <= 2) {
-    RmsNormVecKernel<2><<<grid, kNormThreads, 0, stream>>>(x, y, x_sum, weight, cols, eps, out, h);
-  } else if (vecs <= 4) {
-    RmsNormVecKernel<4><<<grid, kNormThreads, 0, stream>>>(x, y, x_sum, weight, cols, eps, out, h);
-  } else {
-    RmsNormVecKernel<8><<<grid, kNormThreads, 0, stream>>>(x, y, x_sum, weight, cols, eps, out, h);
+    return LaunchDependent(RmsNormKernel, grid, kNormThreads, 0, stream, x, y, x_sum, weight, cols,
+                           eps, out, h);
   }
-  return cudaGetLastError();
+  if (vecs <= 1) {
+    return LaunchDependent(RmsNormVecKernel<1>, grid, kNormThreads, 0, stream, x, y, x_sum, weight,
+                           cols, eps, out, h);
+  }
+  if (vecs <= 2) {
+    return LaunchDependent(RmsNormVecKernel<2>, grid, kNormThreads, 0, stream, x, y, x_sum, weight,
+                           cols, eps, out, h);
+  }
+  if (vecs <= 4) {
+    return LaunchDependent(RmsNormVecKernel<4>, grid, kNormThreads, 0, stream, x, y, x_sum, weight,
+                           cols, eps, out, h);
+  }
+  return LaunchDependent(RmsNormVecKernel<8>, grid, kNormThreads, 0, stream, x, y, x_sum, weight,
+                         cols, eps, out, h);
 }
 
-cudaError_t LaunchRope(float* x, int64_t rows, int n_heads, int head_dim, const float* inv_freq,
-                       const int32_t* positions, int step, int partner, cudaStream_t stream) {
-  const int64_t n = rows * n_heads * (head_dim / 2);
-  RopeKernel<<<GridFor(n), kThreads, 0, stream>>>(x, rows, n_heads, head_dim, inv_freq, positions,
-                                                  step, partner);
-  return cudaGetLastError();
+cudaError_t LaunchRope(float* x, int x_heads, float* y, int y_heads, int64_t rows, int head_dim,
+                       const float* inv_freq, const int32_t* positions, int step, int partner,
+                       cudaStream_t stream) {
+  const int64_t n = rows * (int64_t{x_heads} + y_heads) * (head_dim / 2);
+  return LaunchDependent(RopeKernel, GridFor(n), kThreads, 0, stream, x, x_heads, y, y_heads, rows,
+                         head_dim, inv_freq, positions, step, partner);
 }
 
 cudaError_t LaunchSwiGlu(const float* gate, const float* up, int64_t n, float* out, void* out_half,
                          cudaStream_t stream) {
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   if (n % 4 == 0 && aligned(gate) && aligned(up) && aligned(out) && aligned(out_half)) {
-    SwiGluVecKernel<<<GridFor(n / 4), kThreads, 0, stream>>>(
-        reinterpret_cast<const float4*>(gate), reinterpret_cast<const float4*>(up), n / 4,
-        reinterpret_cast<float4*>(out), static_cast<uint2*>(out_half));
-  } else {
-    SwiGluKernel<<<GridFor(n), kThreads, 0, stream>>>(gate, up, n, out,
-                                                      static_cast<__half*>(out_half));
+    return LaunchDependent(SwiGluVecKernel, GridFor(n / 4), kThreads, 0, stream,
+                           reinterpret_cast<const float4*>(gate),
+                           reinterpret_cast<const float4*>(up), n / 4,
+                           reinterpret_cast<float4*>(out), static_cast<uint2*>(out_half));
   }
-  return cudaGetLastError();
+  return LaunchDependent(SwiGluKernel, GridFor(n), kThreads, 0, stream, gate, up, n, out,
+                         static_cast<__half*>(out_half));
 }
 
 cudaError_t LaunchAdd(float* x, const float* y, int64_t n, cudaStream_t stream) {
-  AddKernel<<<GridFor(n), kThreads, 0, stream>>>(x, y, n);
-  return cudaGetLastError();
+  return LaunchDependent(AddKernel, GridFor(n), kThreads, 0, stream, x, y, n);
 }
 
 cudaError_t LaunchKvWrite(const DeviceAttention& a, const DevicePool& pool, cudaStream_t stream) {
   const int64_t n = a.rows * a.n_kv_heads * pool.head_dim;
-  KvWriteKernel<<<GridFor(n), kThreads, 0, stream>>>(a, pool);
-  return cudaGetLastError();
+  return LaunchDependent(KvWriteKernel, GridFor(n), kThreads, 0, stream, a, pool);
 }
 
 cudaError_t LaunchTableUpdates(int32_t* table_data, const uint2* updates, int64_t n,

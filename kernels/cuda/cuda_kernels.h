@@ -26,10 +26,12 @@ cudaError_t LaunchRmsNorm(const float* x, const float* y, float* x_sum, const fl
                           int64_t rows, int64_t cols, float eps, float* out, void* out_half,
                           cudaStream_t stream);
 
-// Rotates the pairs of every head of x [rows, n_heads * head_dim] in place. Pair i of a head is
-// (i * step, i * step + partner); row r is at positions[r]; inv_freq has head_dim / 2 entries.
-cudaError_t LaunchRope(float* x, int64_t rows, int n_heads, int head_dim, const float* inv_freq,
-                       const int32_t* positions, int step, int partner, cudaStream_t stream);
+// Rotates the pairs of every head of x [rows, x_heads * head_dim] and, where y_heads > 0, of y
+// [rows, y_heads * head_dim] in place (q and k in one launch). Pair i of a head is (i * step,
+// i * step + partner); row r is at positions[r]; inv_freq has head_dim / 2 entries.
+cudaError_t LaunchRope(float* x, int x_heads, float* y, int y_heads, int64_t rows, int head_dim,
+                       const float* inv_freq, const int32_t* positions, int step, int partner,
+                       cudaStream_t stream);
 
 // out = silu(gate) * up over n floats; half(out) to out_half too where set.
 cudaError_t LaunchSwiGlu(const float* gate, const float* up, int64_t n, float* out, void* out_half,

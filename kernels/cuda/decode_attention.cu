@@ -16,6 +16,7 @@
 #include <cmath>
 
 #include "kernels/cuda/decode_attention.h"
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/span_rule.cuh"
 
 namespace moa::cuda {
@@ -710,6 +711,7 @@ template <int HD, int G, bool kTensor>
 __global__ void __launch_bounds__(kThreads)
     DecodeKernel(DecodeAttentionArgs a, DevicePool pool, Workspace w, int min_keys, int stages,
                  int pair_keys) {
+  WaitForPriorGrid();  // launched as a dependent (LaunchDecodeAttention)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem =  // see kSharedAlign
       smem_raw + (kSharedAlign - __cvta_generic_to_shared(smem_raw) % kSharedAlign) % kSharedAlign;
@@ -913,9 +915,8 @@ cudaError_t LaunchDecodeAttention(const DecodeAttentionArgs& a, const DevicePool
   if (fn == nullptr) return cudaErrorInvalidValue;
   int64_t bytes = 0;
   const Workspace w = Carve(workspace, cfg, &bytes);
-  fn<<<cfg.grid, kThreads, cfg.shared_bytes, stream>>>(a, pool, w, cfg.min_keys_per_block,
-                                                       cfg.stages, cfg.pair_start_keys);
-  return cudaGetLastError();
+  return LaunchDependent(fn, cfg.grid, kThreads, static_cast<size_t>(cfg.shared_bytes), stream, a,
+                         pool, w, cfg.min_keys_per_block, cfg.stages, cfg.pair_start_keys);
 }
 
 }  // namespace moa::cuda

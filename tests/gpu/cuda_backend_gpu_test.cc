@@ -375,6 +375,37 @@ TEST_F(CudaBackendTest, Rope) {
   }
 }
 
+// RopeQK (q and k in one pass) against the CPU, three calls in a row on the same tensors: the
+// positions change, then the frequencies (the CUDA backend reuses uploaded ones while equal).
+TEST_F(CudaBackendTest, RopeQKFollowsChangingPositionsAndFrequencies) {
+  const int rows = 7, nq = 6, nk = 2, hd = 32;
+  const std::vector<float> q0 = RandomFloats(rows * nq * hd, rng_);
+  const std::vector<float> k0 = RandomFloats(rows * nk * hd, rng_);
+  std::vector<float> f1(hd / 2), f2(hd / 2);
+  for (int i = 0; i < hd / 2; ++i) {
+    f1[i] = static_cast<float>(std::pow(10000.0, -2.0 * i / hd));
+    f2[i] = static_cast<float>(std::pow(500000.0, -2.0 * i / hd));
+  }
+  std::vector<int32_t> p1(rows), p2(rows);
+  std::iota(p1.begin(), p1.end(), 100);
+  std::iota(p2.begin(), p2.end(), 4000);
+  for (RopeLayout layout : {RopeLayout::kHalfSplit, RopeLayout::kInterleaved}) {
+    std::vector<float> got[2][2];
+    Backend* bes[2] = {cpu_.get(), gpu_.get()};
+    for (int b = 0; b < 2; ++b) {
+      auto qt = Act(*bes[b], rows, nq * hd, q0);
+      auto kt = Act(*bes[b], rows, nk * hd, k0);
+      for (const auto& [f, p] : {std::pair{&f1, &p1}, std::pair{&f1, &p2}, std::pair{&f2, &p2}}) {
+        ASSERT_TRUE(bes[b]->RopeQK(*qt, nq, *kt, nk, hd, *f, *p, layout).ok()) << bes[b]->name();
+      }
+      got[b][0] = Host(*bes[b], *qt);
+      got[b][1] = Host(*bes[b], *kt);
+    }
+    EXPECT_CLOSE(got[1][0], got[0][0], nq * hd, 2e-5, "RopeQK q");
+    EXPECT_CLOSE(got[1][1], got[0][1], nk * hd, 2e-5, "RopeQK k");
+  }
+}
+
 TEST_F(CudaBackendTest, SwiGluAndAdd) {
   for (auto [rows, cols] : {std::pair{1, 1536}, std::pair{33, 77}}) {
     const std::vector<float> g = RandomFloats(rows * cols, rng_, 3.0f);
