@@ -354,10 +354,11 @@ class CudaBackend : public Backend {
     int head_dim = 0, group = 0, pairs = 0;
   } pending_decode_;  // a decode workspace to grow before the next step (pairs > 0)
   // MatMul reads its input in fp16. The operations whose output is usually a MatMul's input
-  // (RmsNorm, AddRmsNorm, SwiGlu) write its fp16 rounding as well, and a MatMul on the input of
-  // the MatMul before it (q, k, v; gate, up) reads the same copy: per decode layer of a 7B model
-  // at batch 58 that saves six conversion kernels (docs/benchmarks-gpu-e2e.md). The copy lives in
-  // half_x_ outside steps, in the step's scratch inside one.
+  // (RmsNorm, AddRmsNorm, SwiGlu, and Attention where only the decode kernel writes the output)
+  // write its fp16 rounding as well, and a MatMul on the input of the MatMul before it reads the
+  // same copy: a decode layer then converts nothing of its own, where it converted the input of
+  // each of its seven MatMuls (docs/benchmarks-gpu-e2e.md). The copy lives in half_x_ outside
+  // steps, in the step's scratch inside one.
   struct HalfCopy {
     uint64_t tensor = 0;  // CudaTensor::id, 0 = none
     uint64_t writes = 0;  // CudaTensor::writes when the copy was made
@@ -365,8 +366,11 @@ class CudaBackend : public Backend {
   };
   HalfCopy half_copy_;
   DeviceBuffer half_x_;
-  // Room for the fp16 copy of `t` (half_x_, or step scratch), noted in half_copy_ as t's.
+  // Room for an fp16 copy of `t`: half_x_ outside steps (what half_copy_ noted there is
+  // forgotten, as it is about to be overwritten), step scratch inside one. The caller notes the
+  // copy once the kernel that writes it is queued (or staged, in a replay).
   absl::StatusOr<void*> HalfCopyRoom(const CudaTensor& t);
+  void NoteHalfCopy(const CudaTensor& t, void* at) { half_copy_ = {t.id(), t.writes(), at}; }
   // x in fp16, as a MatMul reads it: the copy noted in half_copy_, else converted now.
   absl::StatusOr<const void*> HalfInput(const CudaTensor& x);
   // out[i] = x · w[i]ᵀ for i in `which`, fp16 weights of one shape, as one cuBLAS batch.
@@ -589,10 +593,13 @@ absl::Status CudaBackend::NormOp(int op, const CudaTensor& x, const CudaTensor* 
   const float* yd = y != nullptr ? y->f32() : nullptr;
   float* sum = x_sum != nullptr ? x_sum->f32() : nullptr;
   RETURN_IF_ERROR(StepOp(op, x.data(), yd, sum, wc->data(), x.rows(), d, eps, o->data(), half));
-  if (!graphs_.launching()) return absl::OkStatus();  // a replay: staged only
-  return CudaError(
-      cuda::LaunchRmsNorm(x.f32(), yd, sum, wc->f32(), x.rows(), d, eps, o->f32(), half, stream_),
-      "RmsNorm");
+  if (graphs_.launching()) {  // else a replay: staged only
+    RETURN_IF_ERROR(CudaError(
+        cuda::LaunchRmsNorm(x.f32(), yd, sum, wc->f32(), x.rows(), d, eps, o->f32(), half, stream_),
+        "RmsNorm"));
+  }
+  NoteHalfCopy(*o, half);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<void*> CudaBackend::HalfCopyRoom(const CudaTensor& t) {
@@ -601,15 +608,14 @@ absl::StatusOr<void*> CudaBackend::HalfCopyRoom(const CudaTensor& t) {
   if (graphs_.in_step()) {
     ASSIGN_OR_RETURN(at, graphs_.Scratch(bytes));
   } else {
+    half_copy_ = {};
     if (bytes > half_x_.bytes()) {
-      half_copy_ = {};
       // Queued kernels may still read the old buffer.
       RETURN_IF_ERROR(CudaError(cudaStreamSynchronize(stream_), "fp16 copy"));
       RETURN_IF_ERROR(half_x_.Allocate(std::max(bytes, 2 * half_x_.bytes()), "fp16 copy"));
     }
     at = half_x_.get();
   }
-  half_copy_ = {t.id(), t.writes(), at};
   return at;
 }
 
@@ -659,6 +665,7 @@ absl::StatusOr<const void*> CudaBackend::HalfInput(const CudaTensor& x) {
     RETURN_IF_ERROR(CudaError(cuda::LaunchFloatToHalf(x.f32(), x.rows() * x.cols(), half, stream_),
                               "MatMul input to fp16"));
   }
+  NoteHalfCopy(x, half);
   return half;
 }
 
@@ -816,10 +823,13 @@ absl::Status CudaBackend::SwiGlu(const Tensor& gate, const Tensor& up, Tensor& o
   if (g->rows() == 0) return absl::OkStatus();
   ASSIGN_OR_RETURN(void* half, HalfCopyRoom(*o));
   RETURN_IF_ERROR(StepOp(5, g->data(), u->data(), o->data(), g->rows() * g->cols(), half));
-  if (!graphs_.launching()) return absl::OkStatus();  // a replay: staged only
-  return CudaError(
-      cuda::LaunchSwiGlu(g->f32(), u->f32(), g->rows() * g->cols(), o->f32(), half, stream_),
-      "SwiGlu");
+  if (graphs_.launching()) {  // else a replay: staged only
+    RETURN_IF_ERROR(CudaError(
+        cuda::LaunchSwiGlu(g->f32(), u->f32(), g->rows() * g->cols(), o->f32(), half, stream_),
+        "SwiGlu"));
+  }
+  NoteHalfCopy(*o, half);
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::Add(Tensor& x, const Tensor& y) {
@@ -1195,7 +1205,10 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
                          dpool.num_blocks, dpool.block_size, hd, p.n_heads, n_kv, p.scale,
                          p.span.sink, rows, n_dec, n_pf, max_n_new, dev, decode_ws_.get(),
                          decode_cfg_.grid, out_half));
-  if (!graphs_.launching()) return absl::OkStatus();  // a replay: staged only
+  if (!graphs_.launching()) {  // a replay: staged only
+    if (out_half != nullptr) NoteHalfCopy(*oc, out_half);
+    return absl::OkStatus();
+  }
 
   // Keys and values first: each new row attends to the earlier new rows (same stream: ordered).
   cuda::DeviceAttention w{};
@@ -1229,6 +1242,7 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k, const Tens
     RETURN_IF_ERROR(
         CudaError(cuda::LaunchDecodeAttention(d, dpool, decode_cfg_, decode_ws_.get(), stream_),
                   "Attention (decode)"));
+    if (out_half != nullptr) NoteHalfCopy(*oc, out_half);
   }
   if (n_pf == 0) return absl::OkStatus();
   cuda::PrefillAttentionArgs a{};
