@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/container/inlined_vector.h"
 #include "absl/container/node_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -676,11 +677,12 @@ absl::Status CudaBackend::MatMuls(const Tensor& x, absl::Span<const Tensor* cons
                                   absl::Span<Tensor* const> out) {
   RETURN_IF_ERROR(CheckMatMulsOutputs(w, out));
   ASSIGN_OR_RETURN(const CudaTensor* xc, AsActivation(x, "MatMul input"));
-  std::vector<bool> done(w.size(), false);
+  // A few weights per call, two calls per layer of every step: no heap allocations.
+  absl::InlinedVector<bool, 8> done(w.size(), false);
   for (size_t i = 0; i < w.size(); ++i) {
     if (done[i]) continue;
     ASSIGN_OR_RETURN(const CudaTensor* wi, AsCuda(*w[i], "MatMul weight"));
-    std::vector<size_t> same = {i};
+    absl::InlinedVector<size_t, 8> same = {i};
     for (size_t j = i + 1; j < w.size() && wi->is_half(); ++j) {
       ASSIGN_OR_RETURN(const CudaTensor* wj, AsCuda(*w[j], "MatMul weight"));
       if (!done[j] && wj->is_half() && wj->rows() == wi->rows() && wj->cols() == wi->cols()) {
@@ -704,7 +706,7 @@ absl::Status CudaBackend::BatchedMatMul(const CudaTensor& x, absl::Span<const Te
   const size_t g = which.size();
   // The pointer arrays cuBLAS reads on the device: all weights, then the input g times, then
   // all outputs.
-  std::vector<const void*> ptrs(3 * g);
+  absl::InlinedVector<const void*, 24> ptrs(3 * g);
   int64_t n = 0;
   for (size_t j = 0; j < g; ++j) {
     ASSIGN_OR_RETURN(const CudaTensor* wc, AsCuda(*w[which[j]], "MatMul weight"));

@@ -43,6 +43,15 @@ constexpr int kNormThreads = 256;
 // each block's chain of memory round trips is what the norm costs.
 constexpr int kNormMaxVec = 8;
 
+// Four floats as four fp16 values (8 bytes), each rounded to nearest.
+__device__ uint2 HalfBits4(float4 v) {
+  const __half2 lo = __floats2half2_rn(v.x, v.y), hi = __floats2half2_rn(v.z, v.w);
+  return make_uint2(*reinterpret_cast<const uint32_t*>(&lo),
+                    *reinterpret_cast<const uint32_t*>(&hi));
+}
+
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 __device__ float NormBlockSum(float v) {
   __shared__ float warp_sums[kNormThreads / 32];
 #pragma unroll
@@ -94,13 +103,7 @@ __global__ void __launch_bounds__(kNormThreads)
     const float4 o = make_float4(v[j].x * inv * g[j].x, v[j].y * inv * g[j].y,
                                  v[j].z * inv * g[j].z, v[j].w * inv * g[j].w);
     reinterpret_cast<float4*>(out + base)[i] = o;
-    if (out_half != nullptr) {
-      const __half2 h01 = __floats2half2_rn(o.x, o.y), h23 = __floats2half2_rn(o.z, o.w);
-      uint2 bits;
-      bits.x = *reinterpret_cast<const uint32_t*>(&h01);
-      bits.y = *reinterpret_cast<const uint32_t*>(&h23);
-      reinterpret_cast<uint2*>(out_half + base)[i] = bits;
-    }
+    if (out_half != nullptr) reinterpret_cast<uint2*>(out_half + base)[i] = HalfBits4(o);
   }
 }
 
@@ -163,11 +166,7 @@ __global__ void SwiGluVecKernel(const float4* gate, const float4* up, int64_t n4
     const float4 o =
         make_float4(Silu(g.x) * u.x, Silu(g.y) * u.y, Silu(g.z) * u.z, Silu(g.w) * u.w);
     out[i] = o;
-    if (out_half != nullptr) {
-      const __half2 h01 = __floats2half2_rn(o.x, o.y), h23 = __floats2half2_rn(o.z, o.w);
-      out_half[i] = make_uint2(*reinterpret_cast<const uint32_t*>(&h01),
-                               *reinterpret_cast<const uint32_t*>(&h23));
-    }
+    if (out_half != nullptr) out_half[i] = HalfBits4(o);
   }
 }
 
@@ -347,9 +346,8 @@ cudaError_t LaunchRmsNorm(const float* x, const float* y, float* x_sum, const fl
   const auto grid = static_cast<unsigned>(rows);
   __half* h = static_cast<__half*>(out_half);
   const int64_t vecs = (cols / 4 + kNormThreads - 1) / kNormThreads;  // float4s per thread
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  if (cols % 4 != 0 || vecs > kNormMaxVec || !aligned(x) || !aligned(y) || !aligned(x_sum) ||
-      !aligned(weight) || !aligned(out) || !aligned(out_half)) {
+  if (cols % 4 != 0 || vecs > kNormMaxVec || !Aligned16(x) || !Aligned16(y) || !Aligned16(x_sum) ||
+      !Aligned16(weight) || !Aligned16(out) || !Aligned16(out_half)) {
     return LaunchDependent(RmsNormKernel, grid, kNormThreads, 0, stream, x, y, x_sum, weight, cols,
                            eps, out, h);
   }
@@ -379,8 +377,7 @@ cudaError_t LaunchRope(float* x, int x_heads, float* y, int y_heads, int64_t row
 
 cudaError_t LaunchSwiGlu(const float* gate, const float* up, int64_t n, float* out, void* out_half,
                          cudaStream_t stream) {
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  if (n % 4 == 0 && aligned(gate) && aligned(up) && aligned(out) && aligned(out_half)) {
+  if (n % 4 == 0 && Aligned16(gate) && Aligned16(up) && Aligned16(out) && Aligned16(out_half)) {
     return LaunchDependent(SwiGluVecKernel, GridFor(n / 4), kThreads, 0, stream,
                            reinterpret_cast<const float4*>(gate),
                            reinterpret_cast<const float4*>(up), n / 4,

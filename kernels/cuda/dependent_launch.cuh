@@ -8,6 +8,9 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstdint>
+
 namespace moa::cuda {
 
 __device__ __forceinline__ void WaitForPriorGrid() {
@@ -16,11 +19,21 @@ __device__ __forceinline__ void WaitForPriorGrid() {
 #endif
 }
 
+// Asked of the driver once per device: every kernel of a decode step is launched through here.
 inline bool DependentLaunchSupported() {
+  constexpr int kDevices = 64;
+  static std::atomic<int8_t> known[kDevices] = {};  // 0: not asked yet, 1: no, 2: yes
   int device = 0, major = 0;
-  return cudaGetDevice(&device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-         major >= 9;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  const bool cached = device >= 0 && device < kDevices;
+  if (cached && known[device].load(std::memory_order_relaxed) != 0) {
+    return known[device].load(std::memory_order_relaxed) == 2;
+  }
+  const bool yes =
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+      major >= 9;
+  if (cached) known[device].store(yes ? 2 : 1, std::memory_order_relaxed);
+  return yes;
 }
 
 template <typename... Params, typename... Args>
