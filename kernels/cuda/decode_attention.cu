@@ -603,6 +603,16 @@ __device__ void TensorSplit(const DecodeAttentionArgs& a, const DevicePool& pool
   }
 }
 
+// atomicAdd with acquire-release semantics at GPU scope; returns the old value.
+__device__ __forceinline__ int AddAcqRel(int* p, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;"
+               : "=r"(old)
+               : "l"(p), "r"(v)
+               : "memory");
+  return old;
+}
+
 // The block's result for pair p from the warps' states: written out (to orow, and its fp16
 // rounding to hrow where set) if the block holds all of the pair, else published as partial
 // `slot`; the last block in merges the pair's partials.
@@ -637,13 +647,14 @@ __device__ void FinishPair(const WarpStates& st, const Workspace& w, float* orow
     }
   }
   if (n_parts == 1) return;
-  // Publish the partial, then count this block in; the last one in merges.
-  __threadfence();
+  // Publish the partial, then count this block in; the last one in merges. The barrier orders the
+  // block's writes before thread 0's arrival, whose release (at GPU scope, cumulative) publishes
+  // them and whose acquire makes the other blocks' parts visible to the loads after the next
+  // barrier: one round trip, where a fence in every thread and then the counter were two.
   __syncthreads();
-  if (tid == 0) last = atomicAdd(&w.count[p], 1) == n_parts - 1;
+  if (tid == 0) last = AddAcqRel(&w.count[p], 1) == n_parts - 1;
   __syncthreads();
   if (!last) return;
-  __threadfence();
   // One pass over the parts, each thread four outputs of one head, kMergeGroup parts' loads in
   // flight at a time and the sums rescaled once per group where the max grows: this is a chain
   // of L2 round trips at the end of the kernel. (Three passes, for the max, the sum and the
