@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cuda/atomic>
 
 #include "kernels/cuda/decode_attention.h"
 #include "kernels/cuda/dependent_launch.cuh"
@@ -603,16 +604,6 @@ __device__ void TensorSplit(const DecodeAttentionArgs& a, const DevicePool& pool
   }
 }
 
-// atomicAdd with acquire-release semantics at GPU scope; returns the old value.
-__device__ __forceinline__ int AddAcqRel(int* p, int v) {
-  int old;
-  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;"
-               : "=r"(old)
-               : "l"(p), "r"(v)
-               : "memory");
-  return old;
-}
-
 // The block's result for pair p from the warps' states: written out (to orow, and its fp16
 // rounding to hrow where set) if the block holds all of the pair, else published as partial
 // `slot`; the last block in merges the pair's partials.
@@ -652,7 +643,10 @@ __device__ void FinishPair(const WarpStates& st, const Workspace& w, float* orow
   // them and whose acquire makes the other blocks' parts visible to the loads after the next
   // barrier: one round trip, where a fence in every thread and then the counter were two.
   __syncthreads();
-  if (tid == 0) last = AddAcqRel(&w.count[p], 1) == n_parts - 1;
+  if (tid == 0) {
+    last = ::cuda::atomic_ref<int32_t, ::cuda::thread_scope_device>(w.count[p])
+               .fetch_add(1, ::cuda::memory_order_acq_rel) == n_parts - 1;
+  }
   __syncthreads();
   if (!last) return;
   // One pass over the parts, each thread four outputs of one head, kMergeGroup parts' loads in
