@@ -206,6 +206,24 @@ absl::StatusOr<CudaTensor*> AsActivation(Tensor& t, absl::string_view what) {
   return c;
 }
 
+// out [rows, n] = x [rows, k] · w [n, k]ᵀ: shapes that agree, an output that is not the input,
+// dimensions cuBLAS takes as int.
+absl::Status CheckMatMulShapes(const CudaTensor& x, const CudaTensor& w, const CudaTensor& out) {
+  const int64_t rows = x.rows(), k = x.cols(), n = w.rows();
+  if (w.cols() != k) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MatMul: input has ", k, " columns, weight ", w.cols()));
+  }
+  RETURN_IF_ERROR(CheckShape(out, rows, n, "MatMul output"));
+  if (&out == &x) return absl::InvalidArgumentError("MatMul: output aliases the input");
+  constexpr int64_t kMaxDim = std::numeric_limits<int>::max();
+  if (rows > kMaxDim || k > kMaxDim || n > kMaxDim) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MatMul: [", rows, ", ", k, "] x [", n, ", ", k, "] is too large"));
+  }
+  return absl::OkStatus();
+}
+
 // Per-call host data (positions, block tables ...) copied to a reused device buffer.
 class UploadBuffer {
  public:
@@ -375,7 +393,7 @@ class CudaBackend : public Backend {
   // x in fp16, as a MatMul reads it: the copy noted in half_copy_, else converted now.
   absl::StatusOr<const void*> HalfInput(const CudaTensor& x);
   // out[i] = x · w[i]ᵀ for i in `which`, fp16 weights of one shape, as one cuBLAS batch.
-  absl::Status BatchedMatMul(const CudaTensor& x, absl::Span<const Tensor* const> w,
+  absl::Status BatchedMatMul(const CudaTensor& x, absl::Span<const CudaTensor* const> w,
                              absl::Span<Tensor* const> out, absl::Span<const size_t> which);
   UploadBuffer up_ptrs_;  // BatchedMatMul's pointer arrays
   absl::Status NormOp(int op, const CudaTensor& x, const CudaTensor* y, CudaTensor* x_sum,
@@ -624,20 +642,10 @@ absl::Status CudaBackend::MatMul(const Tensor& x, const Tensor& w, Tensor& out) 
   ASSIGN_OR_RETURN(const CudaTensor* xc, AsActivation(x, "MatMul input"));
   ASSIGN_OR_RETURN(const CudaTensor* wc, AsCuda(w, "MatMul weight"));
   ASSIGN_OR_RETURN(CudaTensor * o, AsActivation(out, "MatMul output"));
+  RETURN_IF_ERROR(CheckMatMulShapes(*xc, *wc, *o));
   const int64_t t_rows = xc->rows();
   const int64_t k = xc->cols();
   const int64_t n = wc->rows();
-  if (wc->cols() != k) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("MatMul: input has ", k, " columns, weight ", wc->cols()));
-  }
-  RETURN_IF_ERROR(CheckShape(*o, t_rows, n, "MatMul output"));
-  if (o == xc) return absl::InvalidArgumentError("MatMul: output aliases the input");
-  constexpr int64_t kMaxDim = std::numeric_limits<int>::max();
-  if (t_rows > kMaxDim || k > kMaxDim || n > kMaxDim) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("MatMul: [", t_rows, ", ", k, "] x [", n, ", ", k, "] is too large"));
-  }
   if (t_rows == 0) return absl::OkStatus();
   // Column-major view: outᵀ [n, rows] = W [k, n]ᵀ · xᵀ [k, rows], fp32 accumulation.
   const void* b = xc->data();
@@ -678,14 +686,17 @@ absl::Status CudaBackend::MatMuls(const Tensor& x, absl::Span<const Tensor* cons
   RETURN_IF_ERROR(CheckMatMulsOutputs(w, out));
   ASSIGN_OR_RETURN(const CudaTensor* xc, AsActivation(x, "MatMul input"));
   // A few weights per call, two calls per layer of every step: no heap allocations.
+  absl::InlinedVector<const CudaTensor*, 8> wc(w.size());
+  for (size_t i = 0; i < w.size(); ++i) {
+    ASSIGN_OR_RETURN(wc[i], AsCuda(*w[i], "MatMul weight"));
+  }
   absl::InlinedVector<bool, 8> done(w.size(), false);
   for (size_t i = 0; i < w.size(); ++i) {
     if (done[i]) continue;
-    ASSIGN_OR_RETURN(const CudaTensor* wi, AsCuda(*w[i], "MatMul weight"));
     absl::InlinedVector<size_t, 8> same = {i};
-    for (size_t j = i + 1; j < w.size() && wi->is_half(); ++j) {
-      ASSIGN_OR_RETURN(const CudaTensor* wj, AsCuda(*w[j], "MatMul weight"));
-      if (!done[j] && wj->is_half() && wj->rows() == wi->rows() && wj->cols() == wi->cols()) {
+    for (size_t j = i + 1; j < w.size() && wc[i]->is_half(); ++j) {
+      if (!done[j] && wc[j]->is_half() && wc[j]->rows() == wc[i]->rows() &&
+          wc[j]->cols() == wc[i]->cols()) {
         same.push_back(j);
       }
     }
@@ -693,13 +704,13 @@ absl::Status CudaBackend::MatMuls(const Tensor& x, absl::Span<const Tensor* cons
     if (same.size() == 1) {
       RETURN_IF_ERROR(MatMul(x, *w[i], *out[i]));
     } else {
-      RETURN_IF_ERROR(BatchedMatMul(*xc, w, out, same));
+      RETURN_IF_ERROR(BatchedMatMul(*xc, wc, out, same));
     }
   }
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::BatchedMatMul(const CudaTensor& x, absl::Span<const Tensor* const> w,
+absl::Status CudaBackend::BatchedMatMul(const CudaTensor& x, absl::Span<const CudaTensor* const> w,
                                         absl::Span<Tensor* const> out,
                                         absl::Span<const size_t> which) {
   const int64_t rows = x.rows(), k = x.cols();
@@ -709,22 +720,12 @@ absl::Status CudaBackend::BatchedMatMul(const CudaTensor& x, absl::Span<const Te
   absl::InlinedVector<const void*, 24> ptrs(3 * g);
   int64_t n = 0;
   for (size_t j = 0; j < g; ++j) {
-    ASSIGN_OR_RETURN(const CudaTensor* wc, AsCuda(*w[which[j]], "MatMul weight"));
+    const CudaTensor& wc = *w[which[j]];
     ASSIGN_OR_RETURN(CudaTensor * o, AsActivation(*out[which[j]], "MatMul output"));
-    n = wc->rows();
-    if (wc->cols() != k) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("MatMul: input has ", k, " columns, weight ", wc->cols()));
-    }
-    RETURN_IF_ERROR(CheckShape(*o, rows, n, "MatMul output"));
-    if (o == &x) return absl::InvalidArgumentError("MatMul: output aliases the input");
-    ptrs[j] = wc->data();
+    RETURN_IF_ERROR(CheckMatMulShapes(x, wc, *o));
+    n = wc.rows();
+    ptrs[j] = wc.data();
     ptrs[2 * g + j] = o->data();
-  }
-  constexpr int64_t kMaxDim = std::numeric_limits<int>::max();
-  if (rows > kMaxDim || k > kMaxDim || n > kMaxDim) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("MatMul: [", rows, ", ", k, "] x [", n, ", ", k, "] is too large"));
   }
   if (rows == 0) return absl::OkStatus();
   ASSIGN_OR_RETURN(const void* b, HalfInput(x));

@@ -346,25 +346,15 @@ cudaError_t LaunchRmsNorm(const float* x, const float* y, float* x_sum, const fl
   const auto grid = static_cast<unsigned>(rows);
   __half* h = static_cast<__half*>(out_half);
   const int64_t vecs = (cols / 4 + kNormThreads - 1) / kNormThreads;  // float4s per thread
-  if (cols % 4 != 0 || vecs > kNormMaxVec || !Aligned16(x) || !Aligned16(y) || !Aligned16(x_sum) ||
-      !Aligned16(weight) || !Aligned16(out) || !Aligned16(out_half)) {
-    return LaunchDependent(RmsNormKernel, grid, kNormThreads, 0, stream, x, y, x_sum, weight, cols,
-                           eps, out, h);
-  }
-  if (vecs <= 1) {
-    return LaunchDependent(RmsNormVecKernel<1>, grid, kNormThreads, 0, stream, x, y, x_sum, weight,
-                           cols, eps, out, h);
-  }
-  if (vecs <= 2) {
-    return LaunchDependent(RmsNormVecKernel<2>, grid, kNormThreads, 0, stream, x, y, x_sum, weight,
-                           cols, eps, out, h);
-  }
-  if (vecs <= 4) {
-    return LaunchDependent(RmsNormVecKernel<4>, grid, kNormThreads, 0, stream, x, y, x_sum, weight,
-                           cols, eps, out, h);
-  }
-  return LaunchDependent(RmsNormVecKernel<8>, grid, kNormThreads, 0, stream, x, y, x_sum, weight,
-                         cols, eps, out, h);
+  const bool vec = cols % 4 == 0 && vecs <= kNormMaxVec && Aligned16(x) && Aligned16(y) &&
+                   Aligned16(x_sum) && Aligned16(weight) && Aligned16(out) && Aligned16(out_half);
+  const auto kernel = !vec        ? RmsNormKernel
+                      : vecs <= 1 ? RmsNormVecKernel<1>
+                      : vecs <= 2 ? RmsNormVecKernel<2>
+                      : vecs <= 4 ? RmsNormVecKernel<4>
+                                  : RmsNormVecKernel<8>;
+  return LaunchDependent(kernel, grid, kNormThreads, 0, stream, x, y, x_sum, weight, cols, eps, out,
+                         h);
 }
 
 cudaError_t LaunchRope(float* x, int x_heads, float* y, int y_heads, int64_t rows, int head_dim,
