@@ -90,12 +90,14 @@ TEST(DeviceFlag, CpuWorks) {
 
 // Where nvcc was found, the build puts the CUDA plugin in build/lib/, where build/bin/moa and
 // moa-server find it without help (MOA_CUDA_PLUGIN_BUILT): --device cuda then works on a machine
-// with a GPU and fails cleanly (exit 1, the CUDA error) on one without. A build without nvcc says
-// so.
+// with a GPU and fails cleanly on one without (exit 1, FAILED_PRECONDITION: no usable GPU, with the
+// CUDA error). A build without nvcc says so.
 #ifdef MOA_CUDA_PLUGIN_BUILT
-constexpr char kNoCudaError[] = "--device cuda: CUDA";
+constexpr char kNoCudaError[] =
+    "FAILED_PRECONDITION: --device cuda: CUDA: no usable GPU here (cudaError";
 #else
-constexpr char kNoCudaError[] = "--device cuda: this program was built without the CUDA backend";
+constexpr char kNoCudaError[] =
+    "FAILED_PRECONDITION: --device cuda: this program was built without the CUDA backend";
 #endif
 
 TEST(DeviceFlag, CudaWorksOrFailsCleanly) {

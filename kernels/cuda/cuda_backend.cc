@@ -45,8 +45,14 @@ constexpr int64_t kMaxAllocBytes = int64_t{1} << 40;
 
 absl::Status CudaError(cudaError_t e, absl::string_view what) {
   if (e == cudaSuccess) return absl::OkStatus();
-  return absl::InternalError(
-      absl::StrCat("CUDA: ", what, ": ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")"));
+  // The runtime also keeps a failed call's error as the thread's last error, which every kernel
+  // launch here checks: left there, an allocation refused for lack of memory would fail the next,
+  // unrelated launch. Reading it clears it (a sticky error, a broken context, stays anyway).
+  cudaGetLastError();
+  std::string message =
+      absl::StrCat("CUDA: ", what, ": ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
+  if (e == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(std::move(message));
+  return absl::InternalError(std::move(message));
 }
 
 absl::Status CublasError(cublasStatus_t e, absl::string_view what) {
@@ -1527,7 +1533,14 @@ CudaGraphStats GetCudaGraphStats(const Backend& backend) {
 absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(int device,
                                                         const CudaBackendOptions& options) {
   int count = 0;
-  RETURN_IF_ERROR(CudaError(cudaGetDeviceCount(&count), "cudaGetDeviceCount"));
+  const cudaError_t counted = cudaGetDeviceCount(&count);
+  if (counted == cudaErrorNoDevice || counted == cudaErrorInsufficientDriver) {
+    cudaGetLastError();
+    return absl::FailedPreconditionError(
+        absl::StrCat("CUDA: no usable GPU here (", cudaGetErrorName(counted), ": ",
+                     cudaGetErrorString(counted), "); --device cpu runs without one"));
+  }
+  RETURN_IF_ERROR(CudaError(counted, "cudaGetDeviceCount"));
   if (device < 0 || device >= count) {
     return absl::NotFoundError(
         absl::StrCat("CUDA device ", device, " requested, ", count, " present"));

@@ -175,6 +175,35 @@ TEST_F(CudaBackendTest, MatMul) {
   }
 }
 
+// An allocation the GPU cannot hold (256 GiB, under the backend's own size limit, so cudaMalloc
+// itself refuses it) is RESOURCE_EXHAUSTED, and leaves nothing behind: the runtime keeps a failed
+// call's error for the next launch's check, which must not see it.
+TEST_F(CudaBackendTest, OutOfMemoryIsResourceExhaustedAndHarmless) {
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    const absl::StatusOr<std::unique_ptr<Tensor>> big =
+        gpu_->NewActivation(int64_t{1} << 16, int64_t{1} << 20);
+    ASSERT_FALSE(big.ok());
+    EXPECT_EQ(big.status().code(), absl::StatusCode::kResourceExhausted) << big.status();
+    EXPECT_NE(big.status().message().find("cudaErrorMemoryAllocation"), absl::string_view::npos)
+        << big.status();
+    // The next launch (an embedding lookup) runs and is right.
+    const int64_t vocab = 37, d = 64;
+    const HostTensor table =
+        MakeWeight("emb", DType::kF16, vocab, d, RandomFloats(vocab * d, rng_));
+    const std::vector<int32_t> tokens = {3, 0, 36, 3};
+    std::vector<float> out[2];
+    Backend* bes[2] = {cpu_.get(), gpu_.get()};
+    for (int b = 0; b < 2; ++b) {
+      auto tt = bes[b]->LoadWeight(table).value();
+      auto ot = Poisoned(*bes[b], 4, d);
+      const absl::Status s = bes[b]->Embed(*tt, tokens, *ot);
+      ASSERT_TRUE(s.ok()) << bes[b]->name() << " after a refused allocation: " << s;
+      out[b] = Host(*bes[b], *ot);
+    }
+    EXPECT_EQ(out[1], out[0]);
+  }
+}
+
 TEST_F(CudaBackendTest, Embed) {
   for (DType dt : {DType::kF16, DType::kQ8_0, DType::kF32}) {
     const int64_t vocab = 301, d = 96;
