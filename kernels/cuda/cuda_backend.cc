@@ -49,6 +49,12 @@ absl::Status CudaError(cudaError_t e, absl::string_view what) {
   // launch here checks: left there, an allocation refused for lack of memory would fail the next,
   // unrelated launch. Reading it clears it (a sticky error, a broken context, stays anyway).
   cudaGetLastError();
+  // What the first CUDA call of a process says on a machine without a GPU or its driver.
+  if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("CUDA: no usable GPU here (", cudaGetErrorName(e), ": ", cudaGetErrorString(e),
+                     "); --device cpu runs without one"));
+  }
   std::string message =
       absl::StrCat("CUDA: ", what, ": ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
   if (e == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(std::move(message));
@@ -1533,14 +1539,7 @@ CudaGraphStats GetCudaGraphStats(const Backend& backend) {
 absl::StatusOr<std::unique_ptr<Backend>> NewCudaBackend(int device,
                                                         const CudaBackendOptions& options) {
   int count = 0;
-  const cudaError_t counted = cudaGetDeviceCount(&count);
-  if (counted == cudaErrorNoDevice || counted == cudaErrorInsufficientDriver) {
-    cudaGetLastError();
-    return absl::FailedPreconditionError(
-        absl::StrCat("CUDA: no usable GPU here (", cudaGetErrorName(counted), ": ",
-                     cudaGetErrorString(counted), "); --device cpu runs without one"));
-  }
-  RETURN_IF_ERROR(CudaError(counted, "cudaGetDeviceCount"));
+  RETURN_IF_ERROR(CudaError(cudaGetDeviceCount(&count), "cudaGetDeviceCount"));
   if (device < 0 || device >= count) {
     return absl::NotFoundError(
         absl::StrCat("CUDA device ", device, " requested, ", count, " present"));

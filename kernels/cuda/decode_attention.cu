@@ -765,10 +765,10 @@ __global__ void __launch_bounds__(kThreads)
     // A pair without visible keys (only from inconsistent arguments) still gets an output,
     // written by one block.
     if (n == 0 && p % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x)) {
-      float* out = a.out + pair_offset(p);
-      for (int i = 0; i < G * HD; ++i) out[i] = 0.0f;
-      if (a.out_half != nullptr) {
-        for (int i = 0; i < G * HD; ++i) a.out_half[pair_offset(p) + i] = __float2half_rn(0.0f);
+      const int64_t at = pair_offset(p);
+      for (int i = 0; i < G * HD; ++i) {
+        a.out[at + i] = 0.0f;
+        if (a.out_half != nullptr) a.out_half[at + i] = __float2half_rn(0.0f);
       }
     }
   }
